@@ -1,0 +1,27 @@
+# The two set-up commands: `make setup`, then `make test`.
+VENV   ?= .venv
+PYTHON ?= python3.11
+PY      = $(VENV)/bin/python
+SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup test test-fast protos bench
+
+setup:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+
+test:
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast:
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+protos:
+	$(PY) -m services.common.protogen
+
+bench:
+	$(PY) bench/bench_amg.py
+	$(PY) bench/bench_embed.py
+	$(PY) bench/bench_predict.py

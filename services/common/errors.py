@@ -1,0 +1,39 @@
+"""Domain errors; each maps to one gRPC status code and is recorded as an item's failure reason."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class DataEngineError(Exception):
+    """Base class: a problem with a clear message naming what was wrong."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidInput(DataEngineError, ValueError):
+    """The caller sent something unusable (bad image bytes, NaN coordinates, empty prompt)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(DataEngineError, KeyError):
+    """A referenced object (image, embedding, logits) does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class FailedPrecondition(DataEngineError):
+    """The request is well formed but the system is not in a state to serve it
+    (an embedding from another model, a crop embedding that was never computed)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class TransientError(DataEngineError):
+    """Storage or network trouble worth retrying."""
+
+    code = grpc.StatusCode.UNAVAILABLE

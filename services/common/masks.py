@@ -1,0 +1,75 @@
+"""SA-1B mask records: COCO compressed RLE plus SAM's quality signals, with proto/JSON converters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from services.common.pb import common_pb2
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """HxW bool/uint8 mask -> COCO compressed RLE ``{"size": [H, W], "counts": str}``."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """COCO RLE (compressed or not) -> HxW bool mask."""
+    if isinstance(rle.get("counts"), list):
+        rle = mask_utils.frPyObjects(rle, *rle["size"])
+    elif isinstance(rle.get("counts"), str):
+        rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    return mask_utils.decode(rle).astype(bool)
+
+
+@dataclass
+class MaskRecord:
+    """One SA-1B annotation.
+
+    segmentation: COCO compressed RLE of the full-image mask.
+    bbox: XYWH pixels. area: pixels. point_coords: [[x, y], ...] prompt points in pixels.
+    crop_box: XYWH of the crop the mask was generated in.
+    """
+
+    segmentation: dict
+    bbox: list[float]
+    area: int
+    predicted_iou: float
+    stability_score: float
+    point_coords: list[list[float]] = field(default_factory=list)
+    crop_box: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"segmentation": self.segmentation, "bbox": [float(v) for v in self.bbox],
+                "area": int(self.area), "predicted_iou": float(self.predicted_iou),
+                "stability_score": float(self.stability_score),
+                "point_coords": [[float(x), float(y)] for x, y in self.point_coords],
+                "crop_box": [float(v) for v in self.crop_box]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "MaskRecord":
+        return cls(segmentation=d["segmentation"], bbox=list(d["bbox"]), area=int(d["area"]),
+                   predicted_iou=float(d["predicted_iou"]), stability_score=float(d["stability_score"]),
+                   point_coords=[list(p) for p in d.get("point_coords", [])],
+                   crop_box=list(d.get("crop_box", [])))
+
+    def to_proto(self) -> common_pb2.Mask:
+        return common_pb2.Mask(
+            segmentation=common_pb2.Rle(size=self.segmentation["size"], counts=self.segmentation["counts"]),
+            bbox=self.bbox, area=self.area, predicted_iou=self.predicted_iou,
+            stability_score=self.stability_score,
+            point_coords=[common_pb2.Point(x=x, y=y, label=1) for x, y in self.point_coords],
+            crop_box=self.crop_box)
+
+    @classmethod
+    def from_proto(cls, m: common_pb2.Mask) -> "MaskRecord":
+        return cls(segmentation={"size": list(m.segmentation.size), "counts": m.segmentation.counts},
+                   bbox=list(m.bbox), area=m.area, predicted_iou=m.predicted_iou,
+                   stability_score=m.stability_score,
+                   point_coords=[[p.x, p.y] for p in m.point_coords], crop_box=list(m.crop_box))
+
+    def decode(self) -> np.ndarray:
+        return decode_rle(self.segmentation)

@@ -1,0 +1,63 @@
+"""The Celery app: one queue per service on Redis, JSON only, at-least-once delivery."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from celery import Celery
+from kombu import Queue
+
+from services.common.settings import Settings
+
+SERVICES = ("embedder", "decoder", "concepts", "verifier", "orchestrator")
+MODEL_QUEUES = ("embedder", "decoder", "concepts", "verifier")
+
+
+def create_celery(settings: Settings) -> Celery:
+    """A Celery app whose tasks named ``<service>.<task>`` route to the queue ``<service>``.
+
+    acks_late + reject_on_worker_lost: a task whose worker dies is redelivered, never lost.
+    prefetch 1: a model worker holds at most one message beyond the one it runs, so autoscaling
+    on queue depth sees the real backlog.
+    """
+    app = Celery("dataengine", broker=settings.broker_url, backend=settings.broker_url)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_queues=[Queue(name) for name in SERVICES],
+        task_default_queue="orchestrator",
+        task_routes=[_route],
+        result_expires=24 * 3600,
+        broker_connection_retry_on_startup=True,
+        # Redis redelivers an unacknowledged message after this many seconds; longer than any task.
+        broker_transport_options={"visibility_timeout": 3600},
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def _route(name: str, args, kwargs, options, task=None, **kw) -> dict | None:
+    service = name.split(".", 1)[0]
+    return {"queue": service} if service in SERVICES else None
+
+
+@dataclass
+class TaskOutcome:
+    """What a service task returns (JSON): done with its outputs, or failed with the reason."""
+
+    ok: bool
+    outputs: dict = field(default_factory=dict)  # object keys and small facts, never bytes
+    reason: str = ""
+    code: str = ""  # gRPC status name of the failure, e.g. "INVALID_ARGUMENT"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TaskOutcome":
+        return cls(ok=bool(d["ok"]), outputs=dict(d.get("outputs", {})), reason=d.get("reason", ""),
+                   code=d.get("code", ""))

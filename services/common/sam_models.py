@@ -1,0 +1,130 @@
+"""SAM variants: segment-anything's registry plus a ``tiny`` variant for tests, one loader.
+
+Checkpoints are read with ``map_location`` always set (segment-anything's own builder calls
+``torch.load`` without it, so we build the network empty and load the state dict ourselves).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from segment_anything import sam_model_registry
+from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
+                                       TwoWayTransformer)
+
+from services.common.errors import FailedPrecondition, InvalidInput
+
+
+@dataclass(frozen=True)
+class OfficialCheckpoint:
+    url: str
+    sha256: str
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+_BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
+OFFICIAL_CHECKPOINTS: dict[str, OfficialCheckpoint] = {
+    "vit_h": OfficialCheckpoint(_BASE + "sam_vit_h_4b8939.pth",
+                                "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
+    "vit_l": OfficialCheckpoint(_BASE + "sam_vit_l_0b3195.pth",
+                                "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
+    "vit_b": OfficialCheckpoint(_BASE + "sam_vit_b_01ec64.pth",
+                                "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),
+}
+
+
+def build_sam_tiny(checkpoint: str | None = None) -> Sam:
+    """A SAM of the official layout but a few hundred thousand weights, for fast tests.
+
+    Same classes and constants as ``segment_anything.build_sam`` (1024 input, 16 px patches,
+    64x64 embedding grid); only widths and depths shrink. The embedding is 32x64x64.
+    """
+    if checkpoint is not None:
+        raise ValueError("build_sam_tiny builds an empty network; load weights with load_sam")
+    dim = 32
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=2, embed_dim=48, img_size=1024, mlp_ratio=2.0,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=16,
+            qkv_bias=True, use_rel_pos=True, global_attn_indexes=(1,), window_size=14, out_chans=dim),
+        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(64, 64),
+                                     input_image_size=(1024, 1024), mask_in_chans=16),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
+            transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=64),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
+# Every variant builds an empty network; weights always come through load_sam.
+MODEL_BUILDERS = {
+    "vit_h": sam_model_registry["vit_h"],
+    "vit_l": sam_model_registry["vit_l"],
+    "vit_b": sam_model_registry["vit_b"],
+    "tiny": build_sam_tiny,
+}
+
+
+def file_sha256(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedSam:
+    """A SAM on its device, in eval mode, and the id that stored embeddings carry."""
+
+    model: Sam
+    model_type: str
+    model_id: str  # "<type>-<first 12 hex of the checkpoint's sha256>"
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FailedPrecondition(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def load_sam(model_type: str, checkpoint: Path | str, device: str = "cpu") -> LoadedSam:
+    """Build ``model_type`` from the registry and load ``checkpoint`` (a state-dict file) onto ``device``."""
+    if model_type not in MODEL_BUILDERS:
+        raise InvalidInput(f"unknown SAM model type {model_type!r}; choose one of {sorted(MODEL_BUILDERS)}")
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        hint = ""
+        if model_type in OFFICIAL_CHECKPOINTS:
+            hint = f"; download it with `dataengine models fetch {model_type}`"
+        raise FailedPrecondition(f"SAM checkpoint {path} not found{hint}")
+    dev = resolve_device(device)
+    model = MODEL_BUILDERS[model_type]()
+    try:
+        state = torch.load(path, map_location=dev, weights_only=True)
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise FailedPrecondition(f"{path} is not a {model_type} SAM checkpoint: {exc}") from exc
+    model.to(dev).eval()
+    return LoadedSam(model=model, model_type=model_type,
+                     model_id=f"{model_type}-{file_sha256(path)[:12]}", device=dev)
+
+
+def save_random_checkpoint(model_type: str, path: Path, seed: int = 0) -> Path:
+    """Write a checkpoint of ``model_type``'s exact format with random weights (tests, benchmarks)."""
+    torch.manual_seed(seed)
+    model = MODEL_BUILDERS[model_type]()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path

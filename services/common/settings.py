@@ -1,0 +1,75 @@
+"""The one settings object, read from ``DATAENGINE_*`` environment variables at start-up.
+
+Nothing else in the code base reads ``os.environ``; components take a ``Settings`` (or the values
+they need from it) as an argument.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Engine configuration; every field is ``DATAENGINE_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="DATAENGINE_", extra="ignore")
+
+    # Object store
+    store: Literal["local", "minio"] = "local"
+    store_root: Path = Path("./dataengine-data")  # local backend: the directory holding the bucket
+    minio_endpoint: str = "localhost:9000"  # host:port, no scheme
+    minio_access_key: str = ""
+    minio_secret_key: str = ""
+    minio_secure: bool = False
+    bucket: str = "dataengine"
+
+    # Queues
+    broker_url: str = "redis://localhost:6379/0"
+
+    # SAM model
+    model_type: Literal["vit_h", "vit_l", "vit_b", "tiny"] = "vit_b"
+    checkpoint: Path | None = None  # None: the official checkpoint in models_dir
+    models_dir: Path = Path("~/.cache/dataengine/models")
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1"
+    embed_batch_size: int = Field(4, ge=1)
+    embedding_cache_size: int = Field(64, ge=0)  # embeddings kept in decoder memory (2 MiB each)
+
+    # Input limits
+    max_image_pixels: int = Field(89_478_485, ge=1)  # Pillow's decompression-bomb limit
+    max_message_bytes: int = Field(64 * MiB, ge=1 * MiB)  # gRPC send/receive limit
+
+    # Servers
+    host: str = "0.0.0.0"
+    embedder_port: int = 50051
+    decoder_port: int = 50052
+    concepts_port: int = 50053
+    verifier_port: int = 50054
+    orchestrator_port: int = 50055
+    metrics_port: int = 0  # 0: no Prometheus endpoint
+    grpc_workers: int = Field(4, ge=1)
+    shutdown_grace_s: float = 10.0
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _check_minio(self) -> "Settings":
+        if self.store == "minio" and not (self.minio_access_key and self.minio_secret_key):
+            raise ValueError(
+                "DATAENGINE_STORE=minio needs DATAENGINE_MINIO_ACCESS_KEY and DATAENGINE_MINIO_SECRET_KEY")
+        return self
+
+    def port_of(self, service: str) -> int:
+        """The gRPC port of ``service`` ("embedder", "decoder", ...)."""
+        return int(getattr(self, f"{service}_port"))
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings from the environment, read once per process."""
+    return Settings()
