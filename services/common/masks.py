@@ -73,3 +73,13 @@ class MaskRecord:
 
     def decode(self) -> np.ndarray:
         return decode_rle(self.segmentation)
+
+
+def sa1b_document(image_id: str, size: tuple[int, int], records: list[MaskRecord],
+                  file_name: str = "") -> dict:
+    """One image's SA-1B JSON: ``{"image": {...}, "annotations": [...]}``; size is (H, W) pixels."""
+    return {
+        "image": {"image_id": image_id, "height": int(size[0]), "width": int(size[1]),
+                  "file_name": file_name},
+        "annotations": [{"id": i, **rec.to_json()} for i, rec in enumerate(records)],
+    }

@@ -128,3 +128,19 @@ def save_random_checkpoint(model_type: str, path: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return path
+
+
+def checkpoint_path(model_type: str, checkpoint: Path | None, models_dir: Path) -> Path:
+    """The checkpoint to load: the one given, else the official file in ``models_dir``."""
+    if checkpoint is not None:
+        return Path(checkpoint).expanduser()
+    if model_type not in OFFICIAL_CHECKPOINTS:
+        raise FailedPrecondition(f"model type {model_type!r} has no official checkpoint; give one by path")
+    return Path(models_dir).expanduser() / OFFICIAL_CHECKPOINTS[model_type].filename
+
+
+def load_from_settings(settings) -> LoadedSam:
+    """``load_sam`` with the model type, checkpoint and device of ``settings``."""
+    return load_sam(settings.model_type,
+                    checkpoint_path(settings.model_type, settings.checkpoint, settings.models_dir),
+                    settings.device)

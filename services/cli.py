@@ -1,0 +1,144 @@
+"""The ``dataengine`` command line: thin commands over the same core code the services run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from services.common.errors import DataEngineError
+from services.common.settings import Settings
+
+app = typer.Typer(help="dataengine: raw images to verified segmentation datasets.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+models_app = typer.Typer(help="SAM checkpoints.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+SERVABLE = ("embedder", "decoder")
+PLANNED = {"concepts": 4, "verifier": 5, "orchestrator": 3}
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def collect_images(paths: list[Path]) -> list[Path]:
+    """Files as given, folders searched recursively for image suffixes; sorted, no duplicates."""
+    found: dict[Path, None] = {}
+    for path in paths:
+        if path.is_dir():
+            for p in sorted(path.rglob("*")):
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                    found[p] = None
+        elif path.is_file():
+            found[path] = None
+        else:
+            _fail(f"{path} does not exist")
+    return list(found)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=console)
+
+
+@app.command()
+def masks(
+    images: list[Path] = typer.Argument(..., help="Image files or folders."),
+    out: Path = typer.Option(..., "--out", help="Folder for one SA-1B JSON per image (<stem>.json)."),
+    model_type: str = typer.Option("vit_b", "--model-type", help="vit_h, vit_l, vit_b or tiny."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="SAM checkpoint (.pth)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N."),
+    points_per_side: int = typer.Option(32, "--points-per-side"),
+    points_per_batch: int = typer.Option(64, "--points-per-batch"),
+    pred_iou_thresh: float = typer.Option(0.88, "--pred-iou-thresh"),
+    stability_score_thresh: float = typer.Option(0.95, "--stability-score-thresh"),
+    stability_score_offset: float = typer.Option(1.0, "--stability-score-offset"),
+    box_nms_thresh: float = typer.Option(0.7, "--box-nms-thresh"),
+    crop_n_layers: int = typer.Option(0, "--crop-n-layers"),
+    crop_nms_thresh: float = typer.Option(0.7, "--crop-nms-thresh"),
+    crop_overlap_ratio: float = typer.Option(512 / 1500, "--crop-overlap-ratio"),
+    crop_n_points_downscale_factor: int = typer.Option(1, "--crop-n-points-downscale-factor"),
+    min_mask_region_area: int = typer.Option(0, "--min-mask-region-area"),
+) -> None:
+    """Automatic mask generation (as segment-anything's scripts/amg.py), one SA-1B JSON per image."""
+    from services.decoder.params import AmgParams
+    from services.pipeline import MaskPipeline
+
+    try:
+        params = AmgParams(
+            points_per_side=points_per_side, points_per_batch=points_per_batch,
+            pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
+            stability_score_offset=stability_score_offset, box_nms_thresh=box_nms_thresh,
+            crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
+            crop_overlap_ratio=crop_overlap_ratio,
+            crop_n_points_downscale_factor=crop_n_points_downscale_factor,
+            min_mask_region_area=min_mask_region_area)
+        settings = Settings(model_type=model_type, checkpoint=checkpoint, device=device)
+        pipeline = MaskPipeline.from_settings(settings)
+    except (DataEngineError, ValueError) as exc:
+        _fail(str(exc))
+    files = collect_images(images)
+    if not files:
+        _fail("no image files found in " + ", ".join(map(str, images)))
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    with _progress() as progress:
+        task = progress.add_task("masks", total=len(files))
+        for path in files:
+            try:
+                doc = pipeline.generate_file(path, params)
+                (out / f"{path.stem}.json").write_text(json.dumps(doc))
+                progress.console.print(f"{path}: {len(doc['annotations'])} masks")
+            except DataEngineError as exc:
+                failed += 1
+                progress.console.print(f"[red]{path}: {exc}[/red]")
+            progress.advance(task)
+    if failed:
+        _fail(f"{failed} of {len(files)} images failed", code=1)
+
+
+@models_app.command("fetch")
+def models_fetch(
+    name: str = typer.Argument(..., help="vit_h, vit_l or vit_b."),
+    dest: Optional[Path] = typer.Option(None, "--dest", help="Folder (default: DATAENGINE_MODELS_DIR)."),
+) -> None:
+    """Download an official SAM checkpoint from its published URL and check its SHA-256."""
+    from services.embedder.weights import fetch_checkpoint
+
+    folder = (dest or Settings().models_dir).expanduser()
+    try:
+        path = fetch_checkpoint(name, folder)
+    except (DataEngineError, ValueError) as exc:
+        _fail(str(exc), code=1)
+    typer.echo(str(path))
+
+
+@app.command()
+def serve(
+    service: str = typer.Argument(..., help="embedder or decoder."),
+    grpc_server: bool = typer.Option(True, "--grpc/--no-grpc", help="Run the gRPC server."),
+    worker: bool = typer.Option(True, "--worker/--no-worker", help="Run the Celery worker."),
+) -> None:
+    """Start SERVICE's gRPC server and its Celery worker (queue SERVICE) until SIGTERM."""
+    from services.serve import run_service
+
+    if service in PLANNED:
+        _fail(f"service {service!r} is not implemented yet (issue {PLANNED[service]})", code=1)
+    if service not in SERVABLE:
+        _fail(f"unknown service {service!r}; choose one of {', '.join(SERVABLE)}")
+    try:
+        run_service(service, Settings(), grpc_server=grpc_server, worker=worker)
+    except (DataEngineError, ValueError) as exc:
+        _fail(str(exc), code=1)
+
+
+if __name__ == "__main__":
+    app()
