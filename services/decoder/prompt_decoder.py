@@ -1,12 +1,44 @@
 """SAM's prompt encoder + mask decoder over one image embedding, for many prompts at once.
 
 This is the one place the decoder network runs; Predict and automatic generation both call it.
+
+It computes what segment-anything's ``MaskDecoder`` computes, with the official modules' own
+weights and layers, in an order that does less work on the CPU, where the 256-dim decoder is
+bound by memory traffic over its BxHWxC image-side tensors:
+
+- the image side is never copied per prompt (the official ``repeat_interleave``);
+- without a mask input every prompt sees the same image side in the first two-way block, so
+  keys + key_pe, the token->image k/v projections and the image->token q projection are computed
+  once per embedding (and cached: an interactive session reuses them on every click);
+- ``keys + key_pe`` is computed once per block instead of twice;
+- the transformer and the mask upscaling are separate steps, so automatic generation can read
+  the predicted IoU first and upscale only the prompts with a mask that passes its filter.
+
+Every other operation is the official layer applied to the same values, so outputs match the
+official modules to float32 rounding (in practice bit for bit on CPU; tests check 1e-4).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from segment_anything.modeling import Sam
+from segment_anything.modeling.transformer import Attention
+
+
+@dataclass
+class DecodedTokens:
+    """The two-way transformer's output for B prompts.
+
+    tokens: BxTxC output tokens (IoU token, mask tokens, prompt tokens) after the final attention.
+    image: BxHWxC image side after the last block (HW = 64*64); upscaled into the masks.
+    """
+
+    tokens: torch.Tensor
+    image: torch.Tensor
+
 
 
 class PromptDecoder:
@@ -20,6 +52,7 @@ class PromptDecoder:
         self.sam = sam
         self.features = features
         self.image_pe = sam.prompt_encoder.get_dense_pe()
+        self._shared: tuple[torch.Tensor, ...] | None = None  # first-block image side, no mask input
 
     @torch.inference_mode()
     def __call__(self, points: torch.Tensor | None, labels: torch.Tensor | None,
@@ -29,8 +62,153 @@ class PromptDecoder:
 
         Returns low-res logits BxMx256x256 and predicted IoU BxM (M = 3 with multimask, else 1).
         """
-        sparse, dense = self.sam.prompt_encoder(
+        decoded = self.transform(points, labels, boxes, mask_input)
+        return self.masks(decoded, multimask_output), self.iou(decoded, multimask_output)
+
+    # -- the three steps -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def transform(self, points: torch.Tensor | None, labels: torch.Tensor | None,
+                  boxes: torch.Tensor | None = None,
+                  mask_input: torch.Tensor | None = None) -> DecodedTokens:
+        """Prompt encoder + two-way transformer (same inputs as ``__call__``)."""
+        sam = self.sam
+        sparse, dense = sam.prompt_encoder(
             points=(points, labels) if points is not None else None, boxes=boxes, masks=mask_input)
-        return self.sam.mask_decoder(image_embeddings=self.features, image_pe=self.image_pe,
-                                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                     multimask_output=multimask_output)
+        decoder = sam.mask_decoder
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
+        pe = self._image_pe_seq()
+        if mask_input is None:
+            queries, keys = self._first_block_shared(tokens)
+            layers = decoder.transformer.layers[1:]
+        else:
+            # Dense prompts differ per prompt: the image side is per prompt from the start.
+            keys = (self.features + dense).flatten(2).transpose(1, 2)
+            queries, layers = tokens, decoder.transformer.layers
+        for layer in layers:
+            queries, keys = _two_way_block(layer, queries, keys, tokens, pe)
+        transformer = decoder.transformer
+        attn_out = transformer.final_attn_token_to_image(q=queries + tokens, k=keys + pe, v=keys)
+        queries = transformer.norm_final_attn(queries + attn_out)
+        return DecodedTokens(queries, keys)
+
+    @torch.inference_mode()
+    def iou(self, decoded: DecodedTokens, multimask_output: bool = True) -> torch.Tensor:
+        """Predicted IoU, BxM."""
+        iou = self.sam.mask_decoder.iou_prediction_head(decoded.tokens[:, 0, :])
+        return iou[:, _mask_slice(multimask_output)]
+
+    @torch.inference_mode()
+    def masks(self, decoded: DecodedTokens, multimask_output: bool = True,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Low-res mask logits, BxMx256x256, or only for the prompts at ``rows`` (R-long 1-D index):
+        RxMx256x256. The upscaling is the costly half of the decoder; it runs for those rows only.
+        """
+        decoder = self.sam.mask_decoder
+        mask_tokens = decoded.tokens[:, 1:1 + decoder.num_mask_tokens, :]
+        # The hypernetworks run on all B prompts, all rows, as in the official decoder: a linear
+        # layer's float rounding can depend on how many rows it multiplies at once, and these are
+        # cheap (B x 256 each), so only the image-sized upscaling is restricted to ``rows``.
+        hyper_in = torch.stack([mlp(mask_tokens[:, i, :])
+                                for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
+        b, hw, c = decoded.image.shape
+        side = math.isqrt(hw)
+        src = decoded.image.transpose(1, 2).view(b, c, side, side)
+        if rows is not None:
+            # Index the 4-D view, not the 3-D tensor: for a single row the latter gives a stride
+            # pattern that sends the transposed convolution down another (not bit-equal) kernel.
+            hyper_in, src = hyper_in[rows], src[rows]
+        upscaled = decoder.output_upscaling(src)
+        b, c, h, w = upscaled.shape
+        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+        return masks[:, _mask_slice(multimask_output)]
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _image_pe_seq(self) -> torch.Tensor:
+        return self.image_pe.flatten(2).transpose(1, 2)  # 1xHWxC view
+
+    def _shared_image_side(self) -> tuple[torch.Tensor, ...]:
+        """(src, k, v, q): 1xHWxC image side without mask input, and the first block's projections
+        that depend on it alone. Computed once per embedding."""
+        if self._shared is None:
+            sam = self.sam
+            no_mask = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+            src = (self.features + no_mask).flatten(2).transpose(1, 2).contiguous()
+            key_in = src + self._image_pe_seq()
+            first = sam.mask_decoder.transformer.layers[0]
+            t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+            self._shared = (src, t2i.k_proj(key_in), t2i.v_proj(src), i2t.q_proj(key_in))
+        return self._shared
+
+    def _first_block_shared(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first TwoWayAttentionBlock with its image-side terms shared by all prompts."""
+        layer = self.sam.mask_decoder.transformer.layers[0]
+        src, k_img, v_img, q_img = self._shared_image_side()
+        queries = tokens
+        if layer.skip_first_layer_pe:
+            queries = layer.norm1(layer.self_attn(q=queries, k=queries, v=queries))
+        else:
+            queries = layer.norm1(queries + layer.self_attn(q=queries + tokens, k=queries + tokens, v=queries))
+        attn_out = _attend_shared_kv(layer.cross_attn_token_to_image, queries + tokens, k_img, v_img)
+        queries = layer.norm2(queries + attn_out)
+        queries = layer.norm3(queries + layer.mlp(queries))
+        q = queries + tokens
+        attn_out = _attend_shared_q(layer.cross_attn_image_to_token, q_img, q, queries)
+        keys = layer.norm4(src + attn_out)
+        return queries, keys
+
+
+def _mask_slice(multimask_output: bool) -> slice:
+    return slice(1, None) if multimask_output else slice(0, 1)
+
+
+def _two_way_block(layer, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
+                   key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """segment-anything's TwoWayAttentionBlock.forward, with keys + key_pe computed once."""
+    if layer.skip_first_layer_pe:
+        queries = layer.self_attn(q=queries, k=queries, v=queries)
+    else:
+        q = queries + query_pe
+        queries = queries + layer.self_attn(q=q, k=q, v=queries)
+    queries = layer.norm1(queries)
+    key_in = keys + key_pe  # the same value in both cross attentions: keys change only at the end
+    attn_out = layer.cross_attn_token_to_image(q=queries + query_pe, k=key_in, v=keys)
+    queries = layer.norm2(queries + attn_out)
+    queries = layer.norm3(queries + layer.mlp(queries))
+    attn_out = layer.cross_attn_image_to_token(q=key_in, k=queries + query_pe, v=queries)
+    keys = layer.norm4(keys + attn_out)
+    return queries, keys
+
+
+def _attend_shared_kv(attn: Attention, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of BxTxC tokens to one image side whose projections k, v (1xHWxCi) all share."""
+    q = attn.q_proj(q_in)
+    b, t, ci = q.shape
+    heads, d = attn.num_heads, ci // attn.num_heads
+    hw = k.shape[1]
+    qh = q.reshape(b, t, heads, d).permute(2, 0, 1, 3).reshape(heads, b * t, d)
+    kh = k[0].reshape(hw, heads, d).permute(1, 2, 0)  # heads x d x HW
+    vh = v[0].reshape(hw, heads, d).transpose(0, 1)  # heads x HW x d
+    weights = torch.softmax(torch.bmm(qh, kh) / math.sqrt(d), dim=-1)
+    out = torch.bmm(weights, vh).reshape(heads, b, t, d).permute(1, 2, 0, 3).reshape(b, t, ci)
+    return attn.out_proj(out)
+
+
+def _attend_shared_q(attn: Attention, q: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
+    """Attention of one image side (its q projection, 1xHWxCi, shared) to each prompt's BxTxC tokens.
+
+    Returns BxHWxC.
+    """
+    k, v = attn.k_proj(k_in), attn.v_proj(v_in)
+    b, t, ci = k.shape
+    heads, d = attn.num_heads, ci // attn.num_heads
+    hw = q.shape[1]
+    qh = q[0].reshape(hw, heads, d).transpose(0, 1)  # heads x HW x d
+    kh = k.reshape(b, t, heads, d).permute(2, 3, 0, 1).reshape(heads, d, b * t)
+    weights = (torch.bmm(qh, kh) / math.sqrt(d)).view(heads, hw, b, t)
+    weights = torch.softmax(weights, dim=-1).permute(2, 0, 1, 3)  # B x heads x HW x T
+    vh = v.reshape(b, t, heads, d).transpose(1, 2)  # B x heads x T x d
+    out = torch.matmul(weights, vh).transpose(1, 2).reshape(b, hw, ci)
+    return attn.out_proj(out)
