@@ -1,0 +1,9 @@
+"""Celery entry point: ``celery -A services.decoder.worker_app worker -Q decoder -P solo``.
+
+Settings come from the ``DATAENGINE_*`` environment; the model is loaded on the first task.
+"""
+
+from services.common.settings import get_settings
+from services.serve import make_worker_app
+
+app = make_worker_app("decoder", get_settings())
