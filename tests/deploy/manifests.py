@@ -1,0 +1,88 @@
+"""Readers for deploy/: Kubernetes documents, the Compose file, the Dockerfile, and the check that
+an environment variable name is a real ``Settings`` field."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from services.common.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+COMPOSE = DEPLOY / "compose.yaml"
+DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+PREFIX = "DATAENGINE_"
+
+
+def settings_field(env_name: str) -> str | None:
+    """The Settings field that ``env_name`` sets, or None when it sets none (a typo)."""
+    if not env_name.startswith(PREFIX):
+        return None
+    name = env_name[len(PREFIX):].lower()
+    return name if name in Settings.model_fields else None
+
+
+def load_yaml_docs(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def k8s_objects() -> list[dict]:
+    """Every object in deploy/k8s, kustomization.yaml excluded."""
+    return [doc for path in sorted(K8S.glob("*.yaml")) if path.name != "kustomization.yaml"
+            for doc in load_yaml_docs(path)]
+
+
+def k8s_by_kind(kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in k8s_objects() if o["kind"] == kind}
+
+
+def kustomization() -> dict:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def configmap_env() -> dict[str, str]:
+    return dict(k8s_by_kind("ConfigMap")["dataengine-config"]["data"])
+
+
+def only_container(workload: dict) -> dict:
+    containers = workload["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, f"{workload['metadata']['name']}: expected one container"
+    return containers[0]
+
+
+_VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def interpolate(value) -> str:
+    """Compose interpolation with no variables set: ``${X:-default}`` -> default, ``$$`` -> ``$``."""
+    return _VAR.sub(lambda m: m.group(2) or "", str(value)).replace("$$", "$")
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())  # safe_load resolves the << merge keys
+
+
+def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+    """Instructions per stage name ((INSTRUCTION, arguments) with continuations joined);
+    instructions before the first FROM go under ""."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: dict[str, list[tuple[str, str]]] = {"": []}
+    current = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instr, _, args = line.partition(" ")
+        instr = instr.upper()
+        if instr == "FROM":
+            match = re.fullmatch(r"(\S+)(?:\s+AS\s+(\S+))?", args.strip(), re.IGNORECASE)
+            assert match, f"cannot parse FROM {args}"
+            current = match.group(2) or f"stage{len(stages)}"
+            stages[current] = [("FROM", match.group(1))]
+        else:
+            stages[current].append((instr, args.strip()))
+    return stages
