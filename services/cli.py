@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -42,6 +43,16 @@ def collect_images(paths: list[Path]) -> list[Path]:
         else:
             _fail(f"{path} does not exist")
     return list(found)
+
+
+def _settings(**overrides) -> Settings:
+    """Settings from the environment with command-line overrides; a bad value names the field."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}"
+                             for e in exc.errors())
+        _fail(f"bad setting: {problems}")
 
 
 def _progress() -> Progress:
@@ -81,13 +92,17 @@ def masks(
             crop_overlap_ratio=crop_overlap_ratio,
             crop_n_points_downscale_factor=crop_n_points_downscale_factor,
             min_mask_region_area=min_mask_region_area)
-        settings = Settings(model_type=model_type, checkpoint=checkpoint, device=device)
-        pipeline = MaskPipeline.from_settings(settings)
     except (DataEngineError, ValueError) as exc:
         _fail(str(exc))
+    settings = _settings(model_type=model_type, checkpoint=checkpoint, device=device)
+    # Inputs are checked before the model loads: a typo should not cost a checkpoint load.
     files = collect_images(images)
     if not files:
         _fail("no image files found in " + ", ".join(map(str, images)))
+    try:
+        pipeline = MaskPipeline.from_settings(settings)
+    except (DataEngineError, ValueError) as exc:
+        _fail(str(exc), code=1)
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
     with _progress() as progress:
@@ -113,7 +128,7 @@ def models_fetch(
     """Download an official SAM checkpoint from its published URL and check its SHA-256."""
     from services.embedder.weights import fetch_checkpoint
 
-    folder = (dest or Settings().models_dir).expanduser()
+    folder = (dest or _settings().models_dir).expanduser()
     try:
         path = fetch_checkpoint(name, folder)
     except (DataEngineError, ValueError) as exc:
@@ -135,7 +150,7 @@ def serve(
     if service not in SERVABLE:
         _fail(f"unknown service {service!r}; choose one of {', '.join(SERVABLE)}")
     try:
-        run_service(service, Settings(), grpc_server=grpc_server, worker=worker)
+        run_service(service, _settings(), grpc_server=grpc_server, worker=worker)
     except (DataEngineError, ValueError) as exc:
         _fail(str(exc), code=1)
 

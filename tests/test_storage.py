@@ -2,8 +2,8 @@
 
 import pytest
 
-from services.common.errors import InvalidInput, NotFound
-from services.common.storage import check_key
+from services.common.errors import FailedPrecondition, InvalidInput, NotFound, TransientError
+from services.common.storage import MinioStore, check_key
 
 
 @pytest.fixture(params=["local", "minio"])
@@ -51,3 +51,16 @@ def test_local_store_stays_inside_root(local_store, tmp_path):
     with pytest.raises(InvalidInput):
         local_store.get("../secret")
     assert not (tmp_path / "secret").exists()
+
+
+@pytest.mark.parametrize("bucket", ["Bad_Bucket", "ab", "a..b"])
+def test_misconfigured_bucket_is_a_failed_precondition_not_a_retry(bucket, s3_endpoint):
+    # A bad bucket name never heals: it must not be retried as storage trouble.
+    with pytest.raises(FailedPrecondition, match="bucket"):
+        MinioStore(s3_endpoint, "k", "s", bucket=bucket)
+
+
+def test_unreachable_store_is_transient():
+    # Nothing listens on port 9 (discard): the server may come back, so this one is retried.
+    with pytest.raises(TransientError, match="127.0.0.1:9"):
+        MinioStore("127.0.0.1:9", "k", "s", bucket="fine-bucket")

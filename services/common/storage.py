@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Protocol
 
-from services.common.errors import InvalidInput, NotFound, TransientError
+from services.common.errors import FailedPrecondition, InvalidInput, NotFound, TransientError
 from services.common.settings import Settings
 
 MAX_KEY_LEN = 1024
@@ -92,7 +92,14 @@ class MinioStore:
                  secure: bool = False) -> None:
         from minio import Minio
 
-        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure)
+        from minio.helpers import check_bucket_name
+
+        try:  # a bad name or endpoint is a configuration error: retrying cannot fix it
+            check_bucket_name(bucket, strict=True)
+            self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure)
+        except ValueError as exc:
+            raise FailedPrecondition(f"object store misconfigured (endpoint {endpoint!r}, "
+                                     f"bucket {bucket!r}): {exc}") from None
         self.bucket = bucket
         try:
             if not self.client.bucket_exists(bucket):
