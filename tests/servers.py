@@ -81,3 +81,24 @@ def s3_server() -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         _stop(proc)
+
+
+@contextmanager
+def celery_worker(service: str, env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """A Celery worker for ``service`` in its own process (solo pool, queue ``service``), as
+    deployments run it. On exit it gets SIGTERM and must shut down warm with exit code 0."""
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", f"services.{service}.worker_app", "worker", "-Q", service,
+             "-P", "solo", "-c", "1", "--without-gossip", "--without-mingle", "-l", "INFO"],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield worker
+        finally:
+            worker.terminate()
+            try:
+                code = worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                code = worker.wait()
+    assert code == 0, f"worker exited with {code}: " + Path(log_path).read_text()[-3000:]

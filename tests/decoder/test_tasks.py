@@ -6,8 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -21,7 +19,7 @@ from services.decoder.core import DecoderCore
 from services.decoder.tasks import register_tasks
 from tests.conftest import S3_KEY, S3_SECRET
 from tests.decoder.builders import blob_image, embed, put
-from tests.servers import s3_server
+from tests.servers import celery_worker, s3_server
 
 TASK = "decoder.generate_masks"
 PASS_ALL = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
@@ -95,13 +93,8 @@ def test_celery_worker_process_survives_bad_input(broker, tiny_checkpoint, tiny_
     env = {**os.environ, "DATAENGINE_STORE": "local", "DATAENGINE_STORE_ROOT": str(tmp_path / "store"),
            "DATAENGINE_BUCKET": "dataengine", "DATAENGINE_BROKER_URL": broker,
            "DATAENGINE_MODEL_TYPE": "tiny", "DATAENGINE_CHECKPOINT": str(tiny_checkpoint)}
-    log = open(tmp_path / "worker.log", "wb")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "services.decoder.worker_app", "worker", "-Q", "decoder",
-         "-P", "solo", "-c", "1", "--without-gossip", "--without-mingle", "-l", "INFO"],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
     app = create_celery(Settings(broker_url=broker))
-    try:
+    with celery_worker("decoder", env, tmp_path / "worker.log") as worker:
         bad = _run(app, key, {"points_per_side": -3}, timeout=120)
         assert not bad.ok and bad.code == "INVALID_ARGUMENT" and "points_per_side" in bad.reason
         missing = _run(app, "embeddings/x/y/0_0_1_1.npz", PASS_ALL)
@@ -110,12 +103,3 @@ def test_celery_worker_process_survives_bad_input(broker, tiny_checkpoint, tiny_
         assert good.ok, good.reason
         assert store.exists(good.outputs["masks_key"])
         assert worker.poll() is None  # the same worker process served all three
-    finally:
-        worker.terminate()
-        try:
-            code = worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            code = worker.wait()
-        log.close()
-    assert code == 0, (tmp_path / "worker.log").read_text()[-3000:]

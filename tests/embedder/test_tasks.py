@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -21,7 +19,7 @@ from services.embedder.core import EmbedderCore
 from services.embedder.tasks import TASK_NAME, register_tasks
 from tests.common.image_cases import BAD_IMAGES, png
 from tests.conftest import S3_KEY, S3_SECRET
-from tests.servers import s3_server
+from tests.servers import celery_worker, s3_server
 
 _DBS = itertools.count(2)  # a Redis database per test: no message outlives its test
 
@@ -94,25 +92,11 @@ def test_celery_worker_process_survives_bad_input(broker, s3_endpoint, tiny_chec
            "DATAENGINE_MODEL_TYPE": "tiny", "DATAENGINE_CHECKPOINT": str(tiny_checkpoint)}
     minio_store.put("in/good.png", png(24, 40))
     minio_store.put("in/truncated.png", BAD_IMAGES["truncated_png"][0])
-    log = open(tmp_path / "worker.log", "wb")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "services.embedder.worker_app", "worker", "-Q", "embedder",
-         "-P", "solo", "-c", "1", "--without-gossip", "--without-mingle", "-l", "INFO"],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
     app = _app(broker)
-    try:
+    with celery_worker("embedder", env, tmp_path / "worker.log") as worker:
         bad = _run(app, ["in/truncated.png"], 0, 0.3, timeout=120)
         assert not bad.ok and bad.code == "INVALID_ARGUMENT" and "truncated" in bad.reason
         good = _run(app, ["in/good.png"], 0, 0.3)
         assert good.ok, good.reason
         assert minio_store.exists(good.outputs["embedding_keys"][0][0])
         assert worker.poll() is None  # the same worker process served both
-    finally:
-        worker.terminate()
-        try:
-            code = worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            code = worker.wait()
-        log.close()
-    assert code == 0, (tmp_path / "worker.log").read_text()[-3000:]
