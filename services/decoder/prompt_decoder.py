@@ -12,10 +12,15 @@ bound by memory traffic over its BxHWxC image-side tensors:
   once per embedding (and cached: an interactive session reuses them on every click);
 - ``keys + key_pe`` is computed once per block instead of twice;
 - the transformer and the mask upscaling are separate steps, so automatic generation can read
-  the predicted IoU first and upscale only the prompts with a mask that passes its filter.
+  the predicted IoU first and upscale only the prompts with a mask that passes its filter;
+- the mask upscaling (two 2x2 transposed convolutions) runs as matrix products, channels last
+  (``upscale_masks``);
+- on CPU, prompts go through a few at a time (``CPU_CHUNK``) so the per-prompt image side stays
+  in cache.
 
 Every other operation is the official layer applied to the same values, so outputs match the
-official modules to float32 rounding (in practice bit for bit on CPU; tests check 1e-4).
+official modules to float32 rounding (summation order differs in the upscaling: about 1e-7 on
+the logits; tests check 1e-4).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class DecodedTokens:
     image: torch.Tensor
 
 
+CPU_CHUNK = 4  # prompts per pass on CPU, see PromptDecoder._chunk
+
 
 class PromptDecoder:
     """Decode prompts against one embedding.
@@ -53,6 +60,7 @@ class PromptDecoder:
         self.features = features
         self.image_pe = sam.prompt_encoder.get_dense_pe()
         self._shared: tuple[torch.Tensor, ...] | None = None  # first-block image side, no mask input
+        _check_upscaling(sam.mask_decoder.output_upscaling)
 
     @torch.inference_mode()
     def __call__(self, points: torch.Tensor | None, labels: torch.Tensor | None,
@@ -72,6 +80,23 @@ class PromptDecoder:
                   boxes: torch.Tensor | None = None,
                   mask_input: torch.Tensor | None = None) -> DecodedTokens:
         """Prompt encoder + two-way transformer (same inputs as ``__call__``)."""
+        inputs = (points, labels, boxes, mask_input)
+        n = next(t.shape[0] for t in inputs if t is not None)
+        step = self._chunk(n)
+        if step >= n:
+            return self._transform(*inputs)
+        parts = [self._transform(*(None if t is None else t[i:i + step] for t in inputs))
+                 for i in range(0, n, step)]
+        return DecodedTokens(torch.cat([p.tokens for p in parts]), torch.cat([p.image for p in parts]))
+
+    def _chunk(self, n: int) -> int:
+        """Prompts per pass. On CPU the decoder is bound by memory traffic over its BxHWxC image
+        side (4 MiB a prompt): a few prompts at a time stay in cache and run 2-3x faster per
+        prompt than one pass over a batch of 64 (bench/bench_amg.py). GPUs want the whole batch."""
+        return CPU_CHUNK if self.features.device.type == "cpu" else max(n, 1)
+
+    def _transform(self, points: torch.Tensor | None, labels: torch.Tensor | None,
+                   boxes: torch.Tensor | None, mask_input: torch.Tensor | None) -> DecodedTokens:
         sam = self.sam
         sparse, dense = sam.prompt_encoder(
             points=(points, labels) if points is not None else None, boxes=boxes, masks=mask_input)
@@ -112,17 +137,13 @@ class PromptDecoder:
         # cheap (B x 256 each), so only the image-sized upscaling is restricted to ``rows``.
         hyper_in = torch.stack([mlp(mask_tokens[:, i, :])
                                 for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
-        b, hw, c = decoded.image.shape
-        side = math.isqrt(hw)
-        src = decoded.image.transpose(1, 2).view(b, c, side, side)
+        hyper_in = hyper_in[:, _mask_slice(multimask_output)]  # only the masks returned
+        image = decoded.image
         if rows is not None:
-            # Index the 4-D view, not the 3-D tensor: for a single row the latter gives a stride
-            # pattern that sends the transposed convolution down another (not bit-equal) kernel.
-            hyper_in, src = hyper_in[rows], src[rows]
-        upscaled = decoder.output_upscaling(src)
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-        return masks[:, _mask_slice(multimask_output)]
+            hyper_in, image = hyper_in[rows], image[rows]
+        step = self._chunk(len(image))
+        return torch.cat([upscale_masks(decoder.output_upscaling, image[i:i + step], hyper_in[i:i + step])
+                          for i in range(0, len(image), step)])
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -158,6 +179,49 @@ class PromptDecoder:
         attn_out = _attend_shared_q(layer.cross_attn_image_to_token, q_img, q, queries)
         keys = layer.norm4(src + attn_out)
         return queries, keys
+
+
+def upscale_masks(upscaling: torch.nn.Sequential, image: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
+    """SAM's ``output_upscaling`` followed by the hypernetwork product, channels last.
+
+    image: BxHWxC image side (HW = side*side); hyper_in: BxMxC2 hypernetwork outputs.
+    Returns BxMx(4 side)x(4 side) mask logits.
+
+    A 2x2, stride-2 transposed convolution maps each input pixel to its own 2x2 output block, so
+    it is one matrix product (pixels x Cin) @ (Cin x 4 Cout). Kept channels last, LayerNorm2d is a
+    plain layer norm over the last axis and the 32-channel upscaled image is never permuted to
+    NCHW: only the M mask channels are. On CPU this is several times faster than the official
+    ConvTranspose2d path (whose oneDNN kernels and NCHW copies dominate a single-prompt decode);
+    the result equals it to float32 rounding (summation order differs).
+    """
+    conv1, norm, act1, conv2, act2 = upscaling
+    b, hw, c = image.shape
+    side = math.isqrt(hw)
+    c1, c2 = conv1.out_channels, conv2.out_channels
+    # weight: Cin x Cout x 2 x 2 -> Cin x (2 x 2 x Cout): output block position major, channel minor
+    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)
+    # biases repeat per output block position; addmm adds them inside the matrix product
+    x = torch.addmm(conv1.bias.repeat(4), image.reshape(b * hw, c), w1).view(b, hw * 4, c1)
+    x = act1(torch.nn.functional.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
+    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
+    x = act2(torch.addmm(conv2.bias.repeat(4), x.view(b * hw * 4, c1), w2).view(b, hw * 16, c2))
+    masks = torch.bmm(x, hyper_in.transpose(1, 2))  # B x (HW * 16) x M
+    m = masks.shape[-1]
+    # rows of x: (h, w, di, dj, ei, ej); output pixel (4h + 2di + ei, 4w + 2dj + ej)
+    masks = masks.view(b, side, side, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+    return masks.reshape(b, m, 4 * side, 4 * side)
+
+
+def _check_upscaling(upscaling: torch.nn.Module) -> None:
+    """``upscale_masks`` assumes the official layout: convT(2, 2), LayerNorm2d, act, convT(2, 2), act."""
+    from segment_anything.modeling.common import LayerNorm2d
+
+    layers = list(upscaling) if isinstance(upscaling, torch.nn.Sequential) else []
+    ok = (len(layers) == 5 and isinstance(layers[1], LayerNorm2d)
+          and all(isinstance(layers[i], torch.nn.ConvTranspose2d) and layers[i].kernel_size == (2, 2)
+                  and layers[i].stride == (2, 2) and layers[i].padding == (0, 0) for i in (0, 3)))
+    if not ok:
+        raise ValueError(f"unsupported mask decoder output_upscaling: {upscaling}")
 
 
 def _mask_slice(multimask_output: bool) -> slice:
