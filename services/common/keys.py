@@ -43,3 +43,13 @@ def masks_key(model_id: str, image_id: str, params_digest: str) -> str:
     """SA-1B JSON of one automatic generation, keyed by a digest of its parameters."""
     return (f"masks/{_part(model_id, 'model_id')}/{_part(image_id, 'image_id')}/"
             f"{_part(params_digest, 'params_digest')}.json")
+
+
+def manifest_key(item_id: str) -> str:
+    """An item's manifest: the source of truth of its state and results."""
+    return f"items/{_part(item_id, 'item_id')}/manifest.json"
+
+
+def step_key(item_id: str, step: str) -> str:
+    """Where a pipeline step's output for an item lives (re-running the step overwrites it)."""
+    return f"items/{_part(item_id, 'item_id')}/{_part(step, 'step')}.json"

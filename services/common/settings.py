@@ -41,6 +41,15 @@ class Settings(BaseSettings):
     embed_batch_size: int = Field(4, ge=1)
     embedding_cache_size: int = Field(64, ge=0)  # embeddings kept in decoder memory (2 MiB each)
 
+    # Orchestrator: routing by verifier score (see services/orchestrator/routing.py)
+    accept_threshold: float = Field(0.9, ge=0.0, le=1.0)  # s >= this: accepted
+    review_threshold: float = Field(0.7, ge=0.0, le=1.0)  # this <= s < accept: review; below: rejected
+    max_attempts: int = Field(5, ge=1)
+    # AmgParams fields for the pipeline's grid masks, as JSON: '{"points_per_side": 16}'; {} = official defaults
+    amg_params: dict[str, float | int] = Field(default_factory=dict)  # a step failing this often with storage trouble: dead letter
+    concepts_backend: str = "labels"  # "labels": the item's known labels (offline)
+    verifier_backend: str = "heuristic"  # "heuristic": SAM's predicted IoU x stability (offline)
+
     # Input limits
     max_image_pixels: int = Field(89_478_485, ge=1)  # Pillow's decompression-bomb limit
     max_message_bytes: int = Field(64 * MiB, ge=1 * MiB)  # gRPC send/receive limit
@@ -56,6 +65,20 @@ class Settings(BaseSettings):
     grpc_workers: int = Field(4, ge=1)
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _check_thresholds(self) -> "Settings":
+        if self.review_threshold > self.accept_threshold:
+            raise ValueError(f"DATAENGINE_REVIEW_THRESHOLD ({self.review_threshold}) must not exceed "
+                             f"DATAENGINE_ACCEPT_THRESHOLD ({self.accept_threshold})")
+        return self
+
+    @model_validator(mode="after")
+    def _check_amg_params(self) -> "Settings":
+        from services.decoder.params import params_from_json
+
+        params_from_json(self.amg_params)  # InvalidInput (a ValueError) names the bad field
+        return self
 
     @model_validator(mode="after")
     def _check_minio(self) -> "Settings":

@@ -124,3 +124,15 @@ def _number(params: AmgParams, name: str, low: float, high: float, upper_open: b
     if value < low or value > high or (upper_open and value == high):
         raise InvalidInput(f"{name} must be in [{low}, {high}{bracket}, got {value}")
     object.__setattr__(params, name, value)
+
+
+def params_from_json(params: dict | None) -> AmgParams:
+    """AmgParams from a JSON dict of its fields (missing fields take the official defaults)."""
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise InvalidInput(f"params must be a JSON object of AmgParams fields, got {type(params).__name__}")
+    try:
+        return AmgParams(**params)
+    except TypeError as exc:  # an unknown field name
+        raise InvalidInput(f"bad AmgParams: {exc}") from None

@@ -10,7 +10,7 @@ from celery import Celery
 from services.common.errors import DataEngineError, InvalidInput, TransientError
 from services.common.queues import TaskOutcome
 from services.decoder.core import DecoderCore
-from services.decoder.params import AmgParams
+from services.decoder.params import params_from_json
 
 log = logging.getLogger(__name__)
 
@@ -20,18 +20,6 @@ MAX_RETRIES = 5
 def backoff_s(retries: int) -> int:
     """Seconds before retry number ``retries + 1``: 1, 2, 4, 8, 16."""
     return min(2 ** retries, 60)
-
-
-def params_from_json(params: dict | None) -> AmgParams:
-    """AmgParams from a JSON dict of its fields (missing fields take the official defaults)."""
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        raise InvalidInput(f"params must be a JSON object of AmgParams fields, got {type(params).__name__}")
-    try:
-        return AmgParams(**params)
-    except TypeError as exc:  # an unknown field name
-        raise InvalidInput(f"bad AmgParams: {exc}") from None
 
 
 def register_tasks(app: Celery, core_factory: Callable[[], DecoderCore]) -> None:

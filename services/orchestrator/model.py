@@ -1,0 +1,227 @@
+"""The item model: one image through the stages, its state machine, and its manifest (JSON).
+
+The manifest in the object store (``manifest_key(item_id)``) is the source of truth; Redis only
+indexes it. Everything here is plain data with ``to_json``/``from_json`` and ``to_proto``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from services.common.keys import manifest_key, step_key  # noqa: F401 (re-exported)
+from services.common.errors import FailedPrecondition, InvalidInput
+from services.common.masks import MaskRecord
+from services.common.verdicts import Verdict
+from services.common.pb import orchestrator_pb2
+
+
+class Stage(IntEnum):
+    """The three stages of ARCHITECTURE.md (values are the proto enum's)."""
+
+    UNSPECIFIED = 0
+    ASSISTED_MANUAL = 1
+    SEMI_AUTOMATIC = 2
+    FULLY_AUTOMATIC = 3
+
+    @classmethod
+    def parse(cls, value: "Stage | int | str") -> "Stage":
+        """A stage from its number, its name (``fully_automatic``) or its number as text ("3")."""
+        try:
+            if isinstance(value, str):
+                text = value.strip().upper().replace("-", "_")
+                stage = cls(int(text)) if text.isdigit() else cls[text.removeprefix("STAGE_")]
+            else:
+                stage = cls(int(value))
+        except (KeyError, ValueError):
+            raise InvalidInput(f"unknown stage {value!r}; use 1 assisted_manual, 2 semi_automatic or "
+                               "3 fully_automatic") from None
+        return cls.FULLY_AUTOMATIC if stage == cls.UNSPECIFIED else stage
+
+
+class ItemState(IntEnum):
+    """Item states (values are the proto enum's)."""
+
+    UNSPECIFIED = 0
+    INGESTED = 1
+    EMBEDDED = 2
+    CONCEPTS_PROPOSED = 3
+    MASKS_DECODED = 4
+    VERIFIED = 5
+    ACCEPTED = 6
+    REVIEW = 7
+    REJECTED = 8
+    DISCARDED = 9
+    FAILED = 10
+
+    @classmethod
+    def parse(cls, value: "ItemState | int | str") -> "ItemState":
+        try:
+            if isinstance(value, str):
+                text = value.strip().upper()
+                return cls(int(text)) if text.isdigit() else cls[text.removeprefix("ITEM_STATE_")]
+            return cls(int(value))
+        except (KeyError, ValueError):
+            raise InvalidInput(f"unknown item state {value!r}; one of "
+                               f"{', '.join(s.name.lower() for s in cls if s)}") from None
+
+
+S = ItemState
+# Where each state may go next. EMBEDDED and CONCEPTS_PROPOSED run in parallel: whichever finishes
+# second moves the item on from the first. FAILED is reachable from every non-terminal state.
+TRANSITIONS: dict[ItemState, frozenset[ItemState]] = {
+    S.INGESTED: frozenset({S.EMBEDDED, S.CONCEPTS_PROPOSED, S.REVIEW}),
+    S.EMBEDDED: frozenset({S.CONCEPTS_PROPOSED, S.MASKS_DECODED, S.REVIEW}),
+    S.CONCEPTS_PROPOSED: frozenset({S.EMBEDDED, S.MASKS_DECODED}),
+    S.MASKS_DECODED: frozenset({S.VERIFIED}),
+    S.VERIFIED: frozenset({S.ACCEPTED, S.REVIEW, S.REJECTED}),
+    S.REVIEW: frozenset({S.ACCEPTED, S.DISCARDED}),
+    S.REJECTED: frozenset({S.ACCEPTED, S.DISCARDED}),
+    S.ACCEPTED: frozenset(),
+    S.DISCARDED: frozenset(),
+    S.FAILED: frozenset(),
+}
+TERMINAL = frozenset({S.ACCEPTED, S.DISCARDED, S.FAILED})
+# States where the machine is done and a human may take over (the end of `dataengine run`).
+SETTLED = TERMINAL | {S.REVIEW, S.REJECTED}
+
+# Pipeline steps, each run by one service's worker and reported back to the orchestrator.
+EMBED, PROPOSE, DECODE, VERIFY = "embed", "propose", "decode", "verify"
+STEPS = (EMBED, PROPOSE, DECODE, VERIFY)
+
+
+def item_id_for(source: str, image_id: str) -> str:
+    """Deterministic id: the same file (source name and content) submitted twice is one item."""
+    return hashlib.sha256(f"{source}\n{image_id}".encode()).hexdigest()[:24]
+
+
+@dataclass
+class PhraseResult:
+    """One image-noun-phrase pair, the unit of verification and routing.
+
+    masks: the phrase's instances (empty for a hard negative, or for an image-level label that no
+        backend could ground: ``grounded`` is False then).
+    score: the verifier's score for the pair, in [0, 1].
+    provenance: which model version or human produced it.
+    """
+
+    phrase: str
+    is_negative: bool = False
+    masks: list[MaskRecord] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+    score: float = 0.0
+    provenance: str = ""
+    state: ItemState = ItemState.UNSPECIFIED
+    grounded: bool = False
+
+    def to_json(self) -> dict:
+        return {"phrase": self.phrase, "is_negative": self.is_negative,
+                "masks": [m.to_json() for m in self.masks], "verdicts": [v.to_json() for v in self.verdicts],
+                "score": float(self.score), "provenance": self.provenance, "state": self.state.name,
+                "grounded": self.grounded}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PhraseResult":
+        return cls(phrase=d["phrase"], is_negative=bool(d.get("is_negative", False)),
+                   masks=[MaskRecord.from_json(m) for m in d.get("masks", [])],
+                   verdicts=[Verdict.from_json(v) for v in d.get("verdicts", [])],
+                   score=float(d.get("score", 0.0)), provenance=d.get("provenance", ""),
+                   state=ItemState.parse(d.get("state", "UNSPECIFIED")), grounded=bool(d.get("grounded", False)))
+
+    def to_proto(self) -> orchestrator_pb2.PhraseResult:
+        return orchestrator_pb2.PhraseResult(
+            phrase=self.phrase, is_negative=self.is_negative, masks=[m.to_proto() for m in self.masks],
+            verdicts=[v.to_proto() for v in self.verdicts], score=self.score, provenance=self.provenance,
+            state=int(self.state))
+
+    @classmethod
+    def from_proto(cls, p: orchestrator_pb2.PhraseResult) -> "PhraseResult":
+        if not p.phrase.strip():
+            raise InvalidInput("a phrase result needs a non-empty phrase")
+        return cls(phrase=p.phrase, is_negative=p.is_negative, masks=[MaskRecord.from_proto(m) for m in p.masks],
+                   verdicts=[Verdict.from_proto(v) for v in p.verdicts], score=p.score,
+                   provenance=p.provenance, state=ItemState(p.state), grounded=bool(p.masks))
+
+
+@dataclass
+class Item:
+    """One image through the engine.
+
+    image_key: object key of the image bytes; image_id: their sha256; height, width: pixels
+        (known once embedded). outputs: step name -> object key of its output.
+    done: the steps whose report has been applied (a redelivered report is ignored).
+    grid_masks_key: SA-1B JSON of the class-agnostic automatic masks.
+    history: [state name, unix seconds] in order, for provenance and debugging.
+    """
+
+    item_id: str
+    source: str
+    image_key: str
+    image_id: str
+    stage: Stage = Stage.FULLY_AUTOMATIC
+    state: ItemState = ItemState.INGESTED
+    reason: str = ""
+    known_labels: list[str] = field(default_factory=list)
+    height: int = 0
+    width: int = 0
+    outputs: dict[str, str] = field(default_factory=dict)
+    done: list[str] = field(default_factory=list)
+    phrases: list[PhraseResult] = field(default_factory=list)
+    grid_masks_key: str = ""
+    score: float | None = None
+    history: list[list] = field(default_factory=list)
+    reviewer: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.history:
+            self.history = [[self.state.name, round(time.time(), 3)]]
+
+    @property
+    def settled(self) -> bool:
+        return self.state in SETTLED
+
+    def move(self, new: ItemState, reason: str = "") -> None:
+        """Change state along TRANSITIONS (or to FAILED from any non-terminal state)."""
+        if new == self.state:
+            return
+        allowed = self.state not in TERMINAL and (new == ItemState.FAILED or new in TRANSITIONS[self.state])
+        if not allowed:
+            raise FailedPrecondition(f"item {self.item_id} cannot go from {self.state.name.lower()} "
+                                     f"to {new.name.lower()}")
+        self.state, self.reason = new, reason
+        self.history.append([new.name, round(time.time(), 3)])
+
+    def fail(self, reason: str) -> None:
+        self.move(ItemState.FAILED, reason)
+
+    def to_json(self) -> dict:
+        return {"item_id": self.item_id, "source": self.source, "image_key": self.image_key,
+                "image_id": self.image_id, "stage": self.stage.name, "state": self.state.name,
+                "reason": self.reason, "known_labels": list(self.known_labels), "height": self.height,
+                "width": self.width, "outputs": dict(self.outputs), "done": list(self.done),
+                "phrases": [p.to_json() for p in self.phrases], "grid_masks_key": self.grid_masks_key,
+                "score": self.score, "history": self.history, "reviewer": self.reviewer}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Item":
+        try:
+            return cls(item_id=d["item_id"], source=d["source"], image_key=d["image_key"], image_id=d["image_id"],
+                       stage=Stage[d["stage"]], state=ItemState[d["state"]], reason=d.get("reason", ""),
+                       known_labels=list(d.get("known_labels", [])), height=int(d.get("height", 0)),
+                       width=int(d.get("width", 0)), outputs=dict(d.get("outputs", {})),
+                       done=list(d.get("done", [])),
+                       phrases=[PhraseResult.from_json(p) for p in d.get("phrases", [])],
+                       grid_masks_key=d.get("grid_masks_key", ""), score=d.get("score"),
+                       history=list(d.get("history", [])), reviewer=d.get("reviewer", ""))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidInput(f"malformed item manifest {d.get('item_id', '?')!r}: {exc!r}") from None
+
+    def to_proto(self, grid_masks: list[MaskRecord] | None = None) -> orchestrator_pb2.Item:
+        """grid_masks: the class-agnostic masks, read from ``grid_masks_key`` by the caller."""
+        return orchestrator_pb2.Item(
+            item_id=self.item_id, source=self.source, stage=int(self.stage), state=int(self.state),
+            reason=self.reason, phrases=[p.to_proto() for p in self.phrases],
+            grid_masks=[m.to_proto() for m in grid_masks or []],
+            score=self.score if self.score is not None else 0.0)
