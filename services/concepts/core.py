@@ -1,0 +1,144 @@
+"""The concepts core: an image and its known labels in, a ``Proposal`` (noun phrases and hard
+negatives) out. The gRPC servicer, the pipeline step and the embedded runner all call this class.
+
+Backends sit behind one interface, ``ConceptBackend``, in the registry ``BACKENDS``. The offline
+default, ``labels``, proposes exactly the item's known labels; LLM/MLLM backends (which look at
+the pixels and propose hard negatives) plug in behind the same interface.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from services.common.concepts import NounPhrase, Proposal
+from services.common.errors import FailedPrecondition, InvalidInput, NotFound
+from services.common.images import decode_image
+from services.common.settings import Settings
+from services.common.storage import ObjectStore, open_store
+from services.embedder.types import ImageSource
+
+
+class ConceptBackend(Protocol):
+    """A way to propose concepts.
+
+    name: the registry name. needs_pixels: whether ``propose`` looks at the image (the core then
+    decodes it; otherwise the image is only checked to exist).
+    """
+
+    name: str
+    needs_pixels: bool
+
+    def propose(self, pixels: np.ndarray | None, known_labels: Sequence[str], max_positives: int,
+                max_negatives: int) -> Proposal:
+        """pixels: HxWx3 uint8 RGB, or None when ``needs_pixels`` is False.
+        known_labels: stripped, non-empty, unique case-insensitively, in the caller's order.
+        max_positives, max_negatives: caps on the proposal's lengths; 0 is the backend's default.
+        """
+        ...
+
+
+class LabelsBackend:
+    """Offline: the positives are the known labels, image-level (no box or point), score 1.0.
+
+    It proposes no hard negatives (that needs an ontology or a model) and never reads the image.
+    """
+
+    name = "labels"
+    needs_pixels = False
+
+    def propose(self, pixels: np.ndarray | None, known_labels: Sequence[str], max_positives: int = 0,
+                max_negatives: int = 0) -> Proposal:
+        labels = list(known_labels)[:max_positives] if max_positives > 0 else list(known_labels)
+        return Proposal(phrases=[NounPhrase(text=label, score=1.0, source=self.name) for label in labels])
+
+
+BACKENDS: dict[str, Callable[[], ConceptBackend]] = {"labels": LabelsBackend}
+
+
+def make_backend(name: str) -> ConceptBackend:
+    """The backend registered as ``name``; ``InvalidInput`` lists the known ones."""
+    factory = BACKENDS.get(name)
+    if factory is None:
+        raise InvalidInput(f"unknown concepts backend {name!r}; one of {', '.join(sorted(BACKENDS))}")
+    return factory()
+
+
+def clean_labels(known_labels: Sequence[str]) -> list[str]:
+    """Strip each label and drop case-insensitive repeats (the first spelling wins, order kept).
+
+    An empty or non-text label is ``InvalidInput``: it is a caller's mistake, not a phrase.
+    """
+    if isinstance(known_labels, (str, bytes)):
+        raise InvalidInput("known_labels must be a list of phrases, not one string")
+    labels, seen = [], set()
+    for i, label in enumerate(known_labels):
+        if not isinstance(label, str) or not label.strip():
+            raise InvalidInput(f"known label {i} is empty or not text: {label!r:.100}")
+        text = label.strip()
+        if text.casefold() not in seen:
+            seen.add(text.casefold())
+            labels.append(text)
+    return labels
+
+
+class ConceptsCore:
+    """Concept proposal over an object store.
+
+    backend: the default backend (or its registry name); a request may name another.
+    store: where image keys are looked up; may be None for callers that pass image bytes.
+    max_pixels: decode limit per image, for backends that read pixels (decompression-bomb guard).
+    """
+
+    def __init__(self, backend: ConceptBackend | str = "labels", store: ObjectStore | None = None,
+                 max_pixels: int = 89_478_485) -> None:
+        default = make_backend(backend) if isinstance(backend, str) else backend
+        self.backend = default
+        self.store = store
+        self.max_pixels = max_pixels
+        # Other backends are built on first request and kept: a model backend loads its weights once.
+        self._backends: dict[str, ConceptBackend] = {default.name: default}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, store: ObjectStore | None = None) -> "ConceptsCore":
+        """The core the settings describe (``concepts_backend``), over ``store`` or the settings' store."""
+        return cls(settings.concepts_backend, store if store is not None else open_store(settings),
+                   settings.max_image_pixels)
+
+    def backend_named(self, name: str = "") -> ConceptBackend:
+        """The backend ``name`` ("" is the default one)."""
+        if not name:
+            return self.backend
+        with self._lock:
+            if name not in self._backends:
+                self._backends[name] = make_backend(name)
+            return self._backends[name]
+
+    def propose(self, image: ImageSource | bytes | str, known_labels: Sequence[str] = (), max_positives: int = 0,
+                max_negatives: int = 0, backend: str = "") -> Proposal:
+        """Propose concepts for ``image`` (encoded bytes, an object key or an ``ImageSource``).
+
+        The image is decoded only if the backend reads pixels; an object key is always checked
+        to exist (``NotFound``), so a typo fails here and not two stages later.
+        """
+        for name, value in (("max_positives", max_positives), ("max_negatives", max_negatives)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidInput(f"{name} must be an integer >= 0 (0: the backend's default), got {value!r}")
+        labels = clean_labels(known_labels)
+        chosen = self.backend_named(backend)
+        pixels = self._read(ImageSource.of(image), chosen.needs_pixels)
+        return chosen.propose(pixels, labels, max_positives, max_negatives)
+
+    def _read(self, source: ImageSource, decode: bool) -> np.ndarray | None:
+        name = source.describe(0)
+        if source.key is not None and self.store is None:
+            raise FailedPrecondition(f"{name}: this concepts core has no object store to read keys from")
+        if not decode:
+            if source.key is not None and not self.store.exists(source.key):
+                raise NotFound(f"{name} not found in the object store")
+            return None
+        data = source.data if source.data is not None else self.store.get(source.key)
+        return decode_image(data, self.max_pixels, name=name).pixels
