@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from pathlib import Path
 
 import pytest
 
-from services.common.sam_models import save_random_checkpoint
+from services.common.sam_models import LoadedSam, load_sam, save_random_checkpoint
 from services.common.settings import Settings
 from services.common.storage import LocalStore, MinioStore
 from tests.servers import redis_server, s3_server
@@ -19,6 +20,15 @@ S3_KEY, S3_SECRET = "testing", "testing-secret"
 def redis_url(tmp_path_factory) -> str:
     with redis_server(tmp_path_factory.mktemp("redis")) as url:
         yield url
+
+
+_DBS = itertools.count(1)
+
+
+@pytest.fixture
+def broker(redis_url) -> str:
+    """A Redis database of its own for this test: no queued message or index outlives the test."""
+    return f"{redis_url.rsplit('/', 1)[0]}/{next(_DBS)}"
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +51,12 @@ def local_store(tmp_path) -> LocalStore:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return save_random_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "sam_tiny.pth", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sam(tiny_checkpoint) -> LoadedSam:
+    """The tiny SAM with random weights, loaded once (read-only in every test)."""
+    return load_sam("tiny", tiny_checkpoint, "cpu")
 
 
 @pytest.fixture

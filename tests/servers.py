@@ -44,13 +44,14 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @contextmanager
 def redis_server(workdir: Path) -> Iterator[str]:
-    """Yields ``redis://127.0.0.1:PORT/0``; no persistence, stopped on exit."""
+    """Yields ``redis://127.0.0.1:PORT/0``; no persistence, 256 databases (one per test that
+    needs its own queues), stopped on exit."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server not found: `make setup` installs it (apt-get install redis-server)")
     port = free_port()
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
+                             "--appendonly", "no", "--dir", str(workdir), "--databases", "256"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def ping() -> bool:

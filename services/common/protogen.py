@@ -7,7 +7,6 @@ temporary folder and fails when the committed stubs differ.
 from __future__ import annotations
 
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path

@@ -1,9 +1,5 @@
 """The committed stubs are exactly what protoc makes of proto/ today."""
 
-from pathlib import Path
-
-import grpc
-
 from services.common import protogen
 from services.common.pb import (concepts_pb2_grpc, decoder_pb2_grpc, embedder_pb2_grpc,
                                 orchestrator_pb2_grpc, verifier_pb2_grpc)

@@ -3,7 +3,6 @@ failure outcome with its reason and the worker goes on; storage trouble is retri
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
@@ -12,7 +11,6 @@ import pytest
 from celery.contrib.testing.worker import start_worker
 
 from services.common.queues import TaskOutcome, create_celery
-from services.common.sam_models import load_sam
 from services.common.settings import Settings
 from services.common.storage import LocalStore, MinioStore
 from services.decoder.core import DecoderCore
@@ -23,19 +21,6 @@ from tests.servers import celery_worker, s3_server
 
 TASK = "decoder.generate_masks"
 PASS_ALL = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
-_DBS = itertools.count(12)  # a Redis database per test (the embedder's tests count up from 2)
-
-
-@pytest.fixture
-def broker(redis_url) -> str:
-    return f"{redis_url.rsplit('/', 1)[0]}/{next(_DBS)}"
-
-
-@pytest.fixture(scope="module")
-def tiny_sam(tiny_checkpoint):
-    return load_sam("tiny", tiny_checkpoint, "cpu")
-
-
 def _run(app, *args, timeout: float = 60) -> TaskOutcome:
     return TaskOutcome.from_json(app.send_task(TASK, args=list(args)).get(timeout=timeout))
 

@@ -3,7 +3,6 @@ failure outcome with its reason, the worker goes on; storage trouble is retried.
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 
@@ -20,14 +19,6 @@ from services.embedder.tasks import TASK_NAME, register_tasks
 from tests.common.image_cases import BAD_IMAGES, png
 from tests.conftest import S3_KEY, S3_SECRET
 from tests.servers import celery_worker, s3_server
-
-_DBS = itertools.count(2)  # a Redis database per test: no message outlives its test
-
-
-@pytest.fixture
-def broker(redis_url) -> str:
-    return f"{redis_url.rsplit('/', 1)[0]}/{next(_DBS)}"
-
 
 def _app(broker: str):
     return create_celery(Settings(broker_url=broker))
