@@ -44,9 +44,9 @@ class Settings(BaseSettings):
     # Orchestrator: routing by verifier score (see services/orchestrator/routing.py)
     accept_threshold: float = Field(0.9, ge=0.0, le=1.0)  # s >= this: accepted
     review_threshold: float = Field(0.7, ge=0.0, le=1.0)  # this <= s < accept: review; below: rejected
-    max_attempts: int = Field(5, ge=1)
+    max_attempts: int = Field(5, ge=1)  # a step failing this often with storage trouble: dead letter
     # AmgParams fields for the pipeline's grid masks, as JSON: '{"points_per_side": 16}'; {} = official defaults
-    amg_params: dict[str, float | int] = Field(default_factory=dict)  # a step failing this often with storage trouble: dead letter
+    amg_params: dict[str, float | int] = Field(default_factory=dict)
     concepts_backend: str = "labels"  # "labels": the item's known labels (offline)
     verifier_backend: str = "heuristic"  # "heuristic": SAM's predicted IoU x stability (offline)
 

@@ -1,6 +1,6 @@
 """The pipeline step ``propose``: an item's image and known labels to its stored ``Proposal``.
 
-Inputs: ``image_key`` (str), ``known_labels`` (list of str, may be empty or absent).
+Inputs: ``image_key`` (str), ``source`` (optional, names the image in errors), ``known_labels`` (list of str, may be empty or absent).
 Writes the Proposal JSON to ``step_key(item_id, "propose")`` (re-running overwrites it).
 Outputs: ``concepts_key``, ``phrases`` and ``hard_negatives`` (how many of each).
 """
@@ -12,7 +12,7 @@ from services.common.keys import step_key
 from services.common.steps import StepHandler, StepRequest
 from services.common.storage import ObjectStore
 from services.concepts.core import ConceptsCore
-from services.embedder.types import ImageSource
+from services.embedder.types import image_of
 
 
 def make_handler(core: ConceptsCore, store: ObjectStore) -> StepHandler:
@@ -22,7 +22,7 @@ def make_handler(core: ConceptsCore, store: ObjectStore) -> StepHandler:
         if not isinstance(labels, list):
             raise InvalidInput(f"step 'propose' of item {request.item_id} needs known_labels as a list, "
                                f"got {labels!r:.100}")
-        proposal = core.propose(ImageSource(key=request.need("image_key")), labels)
+        proposal = core.propose(image_of(request), labels)
         key = step_key(request.item_id, "propose")
         store.put(key, proposal.to_bytes(), content_type="application/json")
         return {"concepts_key": key, "phrases": len(proposal.phrases),

@@ -54,8 +54,9 @@ class ImageSource:
         return common_pb2.ImageRef(key=self.key, filename=self.filename)
 
     def describe(self, index: int) -> str:
-        """How error messages name this image: its index plus its key or filename."""
-        detail = f"key {self.key!r}" if self.key is not None else (self.filename or "inline bytes")
+        """How error messages name this image: its index plus its filename (what the user knows it
+        by), else its key."""
+        detail = self.filename or (f"key {self.key!r}" if self.key is not None else "inline bytes")
         return f"image {index} ({detail})"
 
 
@@ -124,3 +125,10 @@ def check_crop_params(crop_n_layers: int, crop_overlap_ratio: float) -> None:
         raise InvalidInput(f"crop_n_layers must be in [0, {MAX_CROP_N_LAYERS}], got {crop_n_layers}")
     if not 0.0 <= crop_overlap_ratio < 1.0:  # also rejects NaN
         raise InvalidInput(f"crop_overlap_ratio must be in [0, 1), got {crop_overlap_ratio}")
+
+
+def image_of(request) -> ImageSource:
+    """The image of a pipeline ``StepRequest``: inputs ``image_key`` and, optionally, ``source``."""
+    # The item's source (its file name) names the image in errors, not the content-hash key.
+    source = request.inputs.get("source")
+    return ImageSource(key=request.need("image_key"), filename=source if isinstance(source, str) else "")

@@ -1,0 +1,72 @@
+"""How step requests reach the services: Celery queues (deployments) or an in-process loop
+(the embedded mode of ``dataengine run``). Both run the same step handlers through
+``services.common.steps.run_step`` and hand the same ``StepReport`` to ``Orchestrator.report``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Callable, Mapping
+
+from celery import Celery
+
+from services.common.errors import TransientError
+from services.common.steps import StepHandler, StepReport, StepRequest, backoff_s, run_step, step_task_name
+from services.common.queues import TaskOutcome
+
+log = logging.getLogger(__name__)
+
+
+class CeleryDispatcher:
+    """Sends each step to its service's queue (task ``<service>.step``)."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def send(self, request: StepRequest) -> None:
+        name = step_task_name(request.step)
+        self.app.send_task(name, args=[request.to_json()], queue=name.split(".")[0])
+
+
+class InlineDispatcher:
+    """A FIFO of step requests run in this process by ``run``; reports go to ``on_report``.
+
+    Transient errors are retried with the same backoff as the Celery tasks, up to
+    ``max_attempts``; then the report is a dead letter, as in the distributed deployment.
+    """
+
+    def __init__(self, handlers: Mapping[str, StepHandler], max_attempts: int = 5,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.handlers = handlers
+        self.max_attempts = max_attempts
+        self.queue: deque[StepRequest] = deque()
+        self.sleep = sleep
+
+    def send(self, request: StepRequest) -> None:
+        self.queue.append(request)
+
+    def run(self, on_report: Callable[[StepReport], object], on_step: Callable[[StepRequest], None] = None) -> int:
+        """Run queued steps (and those they cause) until none is left; returns how many ran."""
+        ran = 0
+        while self.queue:
+            request = self.queue.popleft()
+            on_report(self.run_one(request))
+            ran += 1
+            if on_step is not None:
+                on_step(request)
+        return ran
+
+    def run_one(self, request: StepRequest) -> StepReport:
+        handler = self.handlers[request.step]
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return StepReport(request.item_id, request.step, run_step(handler, request), attempts=attempt)
+            except TransientError as exc:
+                if attempt == self.max_attempts:
+                    outcome = TaskOutcome(ok=False, reason=f"{exc} (gave up after {attempt} attempts)",
+                                          code=exc.code.name)
+                    return StepReport(request.item_id, request.step, outcome, attempts=attempt, dead_letter=True)
+                log.warning("step %s of %s: %s; retrying", request.step, request.item_id, exc)
+                self.sleep(backoff_s(attempt))
+        raise AssertionError("unreachable")

@@ -1,0 +1,351 @@
+"""The orchestrator's core: submit items, apply step reports, decide every next step.
+
+Flow of one item (stage 3, fully automatic):
+
+    submit -> INGESTED --embed--> EMBEDDED ----\\
+                      --propose-> CONCEPTS_PROPOSED --(both done)--> decode -> MASKS_DECODED
+           -> verify -> VERIFIED -> ACCEPTED | REVIEW | REJECTED (routing.Thresholds)
+
+Stage 1 (assisted-manual) items are embedded and then wait in REVIEW for an annotator; stage 2
+(semi-automatic) items run the whole pipeline but are never accepted without a human.
+
+Every report is applied under the item's lock: load the manifest, ignore the report if the step
+was already applied (a redelivery after a worker died) or the item is settled, apply, save the
+manifest, update the index, then dispatch what comes next. ``pending_steps`` is computed from the
+manifest alone, so ``resume`` can re-dispatch whatever an interrupted run left unfinished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Callable, Protocol, Sequence
+
+from services.common import keys
+from services.common.decoded import DecodeOutput
+from services.common.errors import FailedPrecondition, InvalidInput, NotFound
+from services.common.masks import MaskRecord
+from services.common.steps import StepReport, StepRequest
+from services.common.storage import ObjectStore, check_key
+from services.common.verdicts import Verification
+from services.orchestrator.index import Index, now, page
+from services.orchestrator.model import (DECODE, EMBED, PROPOSE, VERIFY, Item, ItemState, PhraseResult, Stage,
+                                         item_id_for, manifest_key)
+from services.orchestrator.routing import Thresholds
+
+log = logging.getLogger(__name__)
+
+MAX_LABELS = 256
+MAX_PAGE_SIZE = 1000
+
+
+class Dispatcher(Protocol):
+    def send(self, request: StepRequest) -> None: ...
+
+
+@dataclass
+class Submission:
+    """One image to submit: encoded bytes or an object key (exactly one), and where it came from."""
+
+    data: bytes | None = None
+    key: str | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.data is None) == (self.key is None):
+            raise InvalidInput("an image needs exactly one of inline bytes or an object key")
+
+
+@dataclass
+class Orchestrator:
+    store: ObjectStore
+    index: Index
+    dispatcher: Dispatcher
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    amg_params: dict = field(default_factory=dict)  # AmgParams fields for embed and decode
+    queue_depths: Callable[[], dict[str, int]] = dict  # per queue: ready + unacknowledged
+
+    # -- items -----------------------------------------------------------------------------------
+
+    def load(self, item_id: str) -> Item:
+        try:
+            data = self.store.get(manifest_key(item_id))
+        except InvalidInput:
+            raise InvalidInput(f"bad item id {item_id!r}") from None
+        except NotFound:
+            raise NotFound(f"item {item_id!r} not found") from None
+        try:
+            return Item.from_json(json.loads(data))
+        except ValueError as exc:
+            raise InvalidInput(f"manifest of item {item_id!r} is unreadable: {exc}") from None
+
+    def save(self, item: Item) -> None:
+        """Manifest first (the truth), then the index (rebuildable from manifests)."""
+        self.store.put(manifest_key(item.item_id), json.dumps(item.to_json()).encode(),
+                       content_type="application/json")
+        self.index.put(item)
+
+    def grid_masks(self, item: Item) -> list[MaskRecord]:
+        if not item.grid_masks_key:
+            return []
+        doc = json.loads(self.store.get(item.grid_masks_key))
+        return [MaskRecord.from_json(a) for a in doc.get("annotations", [])]
+
+    # -- submit ----------------------------------------------------------------------------------
+
+    def submit(self, images: Sequence[Submission], known_labels: Sequence[str] = (),
+               stage: Stage = Stage.FULLY_AUTOMATIC) -> list[str]:
+        """Ingest ``images`` and start them; returns their item ids in order.
+
+        The same file (source and content) submitted again is the same item: it is not started
+        twice. Images are checked when embedded: a bad one fails its item with the reason.
+        """
+        if not images:
+            raise InvalidInput("no images to submit")
+        labels = _labels(known_labels)
+        ids = []
+        for i, image in enumerate(images):
+            if image.data is not None:
+                if not image.data:
+                    raise InvalidInput(f"image {i} ({image.source or 'inline'}) is empty (0 bytes)")
+                content_id = keys.sha256_hex(image.data)
+                image_key = keys.image_key(content_id)
+                if not self.store.exists(image_key):
+                    self.store.put(image_key, image.data)
+            else:
+                image_key = check_key(image.key)
+                if not self.store.exists(image_key):
+                    raise NotFound(f"image {i}: object {image_key!r} not found")
+                content_id = image_key
+            source = image.source or (image.key if image.key else "inline")
+            item_id = item_id_for(source, content_id)
+            ids.append(item_id)
+            try:
+                self.load(item_id)
+                continue  # already submitted: one item per file
+            except NotFound:
+                pass
+            item = Item(item_id=item_id, source=source, image_key=image_key, image_id=content_id,
+                        stage=Stage.parse(stage), known_labels=labels)
+            self.save(item)
+            self._dispatch(item)
+        return ids
+
+    # -- reports ---------------------------------------------------------------------------------
+
+    def report(self, report: StepReport) -> Item | None:
+        """Apply a step's report and dispatch what comes next. Returns the item (None if unknown)."""
+        with self.index.lock(report.item_id):
+            try:
+                item = self.load(report.item_id)
+            except (NotFound, InvalidInput) as exc:
+                log.warning("report for an unknown item dropped: %s", exc)
+                return None
+            if item.settled:
+                return item
+            if report.step in item.done:
+                # A redelivery: the step ran again and overwrote the same output. Dispatch what
+                # it enables again, in case the first application died before dispatching.
+                for request in self._enabled_by(item, report.step):
+                    self.dispatcher.send(request)
+                return item
+            if report.dead_letter:
+                self.index.add_dead_letter({"item_id": item.item_id, "step": report.step,
+                                            "reason": report.outcome.reason, "attempts": report.attempts,
+                                            "at": now()})
+            if not report.outcome.ok:
+                item.fail(f"{report.step}: {report.outcome.reason}")
+            else:
+                try:
+                    self._apply(item, report.step, report.outcome.outputs)
+                except (InvalidInput, NotFound) as exc:  # a step's output we cannot use or find
+                    item.fail(f"{report.step}: {exc}")
+            self.save(item)
+            next_steps = self._enabled_by(item, report.step)
+        for request in next_steps:
+            self.dispatcher.send(request)
+        return item
+
+    def _apply(self, item: Item, step: str, out: dict) -> None:
+        item.done.append(step)
+        if step == EMBED:
+            item.outputs[EMBED] = _need(out, "embedding_key", str)
+            item.image_id = _need(out, "image_id", str)
+            item.height, item.width = _need(out, "height", int), _need(out, "width", int)
+            if item.stage == Stage.ASSISTED_MANUAL:
+                item.move(ItemState.REVIEW, "assisted-manual: waiting for an annotator")
+            else:
+                item.move(ItemState.EMBEDDED)
+        elif step == PROPOSE:
+            item.outputs[PROPOSE] = _need(out, "concepts_key", str)
+            item.move(ItemState.CONCEPTS_PROPOSED)
+        elif step == DECODE:
+            item.outputs[DECODE] = _need(out, "decode_key", str)
+            item.grid_masks_key = _need(out, "masks_key", str)
+            item.move(ItemState.MASKS_DECODED)
+        elif step == VERIFY:
+            item.outputs[VERIFY] = _need(out, "verify_key", str)
+            self._apply_verification(item)
+        else:
+            raise InvalidInput(f"unknown step {step!r}")
+
+    def _apply_verification(self, item: Item) -> None:
+        decoded = DecodeOutput.from_bytes(self.store.get(item.outputs[DECODE]), item.outputs[DECODE])
+        verification = Verification.from_json(json.loads(self.store.get(item.outputs[VERIFY])))
+        pairs = {(p.phrase, p.is_negative): p for p in verification.pairs}
+        item.phrases = []
+        for phrase in decoded.phrases:
+            pair = pairs.get((phrase.phrase, phrase.is_negative))
+            score = pair.score if pair is not None else verification.score
+            item.phrases.append(PhraseResult(
+                phrase=phrase.phrase, is_negative=phrase.is_negative, masks=phrase.masks,
+                verdicts=list(pair.verdicts) if pair is not None else [], score=score,
+                provenance=phrase.source, state=self.thresholds.route(score, item.stage),
+                grounded=phrase.grounded))
+        item.score = verification.score
+        item.move(ItemState.VERIFIED)
+        state = self.thresholds.route(verification.score, item.stage)
+        reason = "" if state == ItemState.ACCEPTED else (
+            f"verifier score {verification.score:.3f} "
+            + ("below review threshold" if state == ItemState.REJECTED else "needs a human check"))
+        item.move(state, reason)
+
+    # -- what next -------------------------------------------------------------------------------
+
+    def pending_steps(self, item: Item) -> list[StepRequest]:
+        """The steps the item needs now, from its manifest alone."""
+        if item.settled:
+            return []
+        done, out, params = set(item.done), item.outputs, self.amg_params
+        requests = []
+        if EMBED not in done:
+            requests.append(StepRequest(item.item_id, EMBED, {"image_key": item.image_key, "source": item.source,
+                                                                "amg_params": params}))
+        if PROPOSE not in done and item.stage != Stage.ASSISTED_MANUAL:
+            requests.append(StepRequest(item.item_id, PROPOSE, {"image_key": item.image_key, "source": item.source,
+                                                                 "known_labels": item.known_labels}))
+        if {EMBED, PROPOSE} <= done and DECODE not in done:
+            requests.append(StepRequest(item.item_id, DECODE, {"embedding_key": out[EMBED],
+                                                                "concepts_key": out[PROPOSE], "amg_params": params}))
+        if DECODE in done and VERIFY not in done:
+            requests.append(StepRequest(item.item_id, VERIFY, {"decode_key": out[DECODE],
+                                                                "concepts_key": out[PROPOSE],
+                                                                "image_key": item.image_key}))
+        return requests
+
+    def _enabled_by(self, item: Item, step: str) -> list[StepRequest]:
+        """The steps pending now that were not pending before ``step`` was done: what to send
+        after its report (the other pending steps are already in flight)."""
+        before = {r.step for r in self.pending_steps(replace(item, done=[s for s in item.done if s != step]))}
+        return [r for r in self.pending_steps(item) if r.step not in before]
+
+    def _dispatch(self, item: Item) -> None:
+        for request in self.pending_steps(item):
+            self.dispatcher.send(request)
+
+    def resume(self) -> int:
+        """Rebuild the index from the manifests and re-dispatch every unfinished item's pending
+        steps (after Redis lost its data, or when an interrupted run starts again). Returns how
+        many items were re-dispatched."""
+        self.index.clear()
+        restarted = 0
+        for key in sorted(self.store.list("items/")):
+            if not key.endswith("/manifest.json"):
+                continue
+            try:
+                item = Item.from_json(json.loads(self.store.get(key)))
+            except (ValueError, NotFound) as exc:
+                log.warning("skipping unreadable manifest %s: %s", key, exc)
+                continue
+            self.index.put(item)
+            if not item.settled:
+                self._dispatch(item)
+                restarted += 1
+        return restarted
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def list_items(self, state: ItemState | None = None, stage: Stage | None = None, page_size: int = 100,
+                   token: str = "") -> tuple[list[Item], str]:
+        if not 0 < page_size <= MAX_PAGE_SIZE:
+            raise InvalidInput(f"page_size must be in [1, {MAX_PAGE_SIZE}], got {page_size}")
+        ids, next_token = page(self.index.ids(state, stage), page_size, token)
+        return [self.load(i) for i in ids], next_token
+
+
+    def stats(self) -> "Stats":
+        by_state, by_stage = self.index.counts()
+        return Stats(by_state, by_stage, self.queue_depths(), len(self.index.dead_letters()))
+
+    # -- humans ----------------------------------------------------------------------------------
+
+    def next_review(self, annotator: str, stage: Stage | None = None) -> Item | None:
+        """The next item for ``annotator``: one already claimed by them, else the first unclaimed
+        one in REVIEW (active mining) or REJECTED (the stage-2 fix queue); claimed on return."""
+        if not annotator.strip():
+            raise InvalidInput("an annotator name is needed to claim review work")
+        for state in (ItemState.REVIEW, ItemState.REJECTED):
+            for item_id in self.index.ids(state, stage):
+                with self.index.lock(item_id):
+                    item = self.load(item_id)
+                    if item.state != state or item.reviewer not in ("", annotator):
+                        continue
+                    item.reviewer = annotator
+                    self.save(item)
+                    return item
+        return None
+
+    def submit_review(self, item_id: str, annotator: str, accept: bool,
+                      phrases: Sequence[PhraseResult] = ()) -> Item:
+        """A human's decision: accept (with their corrected phrases and masks, if any) or discard."""
+        if not annotator.strip():
+            raise InvalidInput("a review needs the annotator's name")
+        with self.index.lock(item_id):
+            item = self.load(item_id)
+            if item.state not in (ItemState.REVIEW, ItemState.REJECTED):
+                raise FailedPrecondition(f"item {item_id} is {item.state.name.lower()}, not waiting for review")
+            if item.reviewer not in ("", annotator):
+                raise FailedPrecondition(f"item {item_id} is claimed by {item.reviewer!r}")
+            if phrases:
+                item.phrases = [PhraseResult(p.phrase, p.is_negative, p.masks, p.verdicts, 1.0,
+                                             f"human:{annotator}", ItemState.ACCEPTED, bool(p.masks))
+                                for p in phrases]
+            item.reviewer = annotator
+            item.move(ItemState.ACCEPTED if accept else ItemState.DISCARDED, f"reviewed by {annotator}")
+            self.save(item)
+        return item
+
+
+@dataclass
+class Stats:
+    """Items per state and per stage, messages per queue (ready + unacknowledged), dead letters."""
+
+    by_state: dict[str, int]
+    by_stage: dict[str, int]
+    queue_depths: dict[str, int]
+    dead_letters: int
+
+    def to_json(self) -> dict:
+        return {"items_by_state": self.by_state, "items_by_stage": self.by_stage,
+                "queue_depths": self.queue_depths, "dead_letters": self.dead_letters}
+
+
+def _need(out: dict, name: str, kind: type):
+    value = out.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise InvalidInput(f"step output {name!r} must be {kind.__name__}, got {value!r:.100}")
+    return value
+
+
+def _labels(known_labels: Sequence[str]) -> list[str]:
+    if isinstance(known_labels, str):
+        raise InvalidInput("known_labels must be a list of phrases, not one string")
+    labels = []
+    for label in known_labels:
+        if not isinstance(label, str) or not label.strip():
+            raise InvalidInput(f"known label {label!r} is empty or not text")
+        labels.append(label.strip())
+    if len(labels) > MAX_LABELS:
+        raise InvalidInput(f"{len(labels)} known labels; at most {MAX_LABELS}")
+    return labels

@@ -1,0 +1,201 @@
+"""Indices over the item manifests: items by state and stage, dead letters, per-item locks.
+
+The manifests in the object store are the source of truth; an index can always be rebuilt from
+them (``dataengine reconcile``). ``RedisIndex`` serves the distributed deployment (several
+orchestrator workers share it); ``MemoryIndex`` serves the embedded mode (one process).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator, Protocol
+
+from services.common.errors import TransientError
+from services.orchestrator.model import Item, ItemState, Stage
+
+PREFIX = "dataengine:idx:"
+
+
+class Index(Protocol):
+    def put(self, item: Item) -> None: ...
+    def ids(self, state: ItemState | None = None, stage: Stage | None = None) -> list[str]: ...
+    def counts(self) -> tuple[dict[str, int], dict[str, int]]: ...
+    def add_dead_letter(self, entry: dict) -> None: ...
+    def dead_letters(self) -> list[dict]: ...
+    def lock(self, item_id: str): ...
+    def clear(self) -> None: ...
+
+
+def page(ids: list[str], page_size: int, token: str) -> tuple[list[str], str]:
+    """One page of sorted ``ids`` after ``token`` (the last id of the previous page)."""
+    start = bisect.bisect_right(ids, token) if token else 0
+    chosen = ids[start:start + page_size]
+    more = start + page_size < len(ids)
+    return chosen, (chosen[-1] if more and chosen else "")
+
+
+class MemoryIndex:
+    """In-process index for the embedded mode."""
+
+    def __init__(self) -> None:
+        self._meta: dict[str, tuple[ItemState, Stage]] = {}
+        self._dead: list[dict] = []
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def put(self, item: Item) -> None:
+        self._meta[item.item_id] = (item.state, item.stage)
+
+    def ids(self, state: ItemState | None = None, stage: Stage | None = None) -> list[str]:
+        return sorted(i for i, (st, sg) in self._meta.items()
+                      if (state is None or st == state) and (stage is None or sg == stage))
+
+    def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        by_state: dict[str, int] = {}
+        by_stage: dict[str, int] = {}
+        for state, stage in self._meta.values():
+            by_state[state.name.lower()] = by_state.get(state.name.lower(), 0) + 1
+            by_stage[stage.name.lower()] = by_stage.get(stage.name.lower(), 0) + 1
+        return by_state, by_stage
+
+    def add_dead_letter(self, entry: dict) -> None:
+        self._dead.append(entry)
+
+    def dead_letters(self) -> list[dict]:
+        return list(self._dead)
+
+    @contextmanager
+    def lock(self, item_id: str) -> Iterator[None]:
+        with self._guard:
+            lock = self._locks.setdefault(item_id, threading.Lock())
+        with lock:
+            yield
+
+    def clear(self) -> None:
+        self._meta.clear()
+
+
+class RedisIndex:
+    """Sets per state and per stage, a hash of each item's (state, stage), a dead-letter list.
+
+    ``put`` moves an item between sets in one MULTI/EXEC transaction, so counts never see an item
+    twice. ``lock`` is a Redis lock per item: two orchestrator workers applying the embed and the
+    propose report of one item at once would otherwise lose one of the two updates.
+    """
+
+    def __init__(self, url: str, lock_timeout_s: float = 60.0) -> None:
+        import redis
+
+        self.redis = redis.Redis.from_url(url, decode_responses=True)
+        self.lock_timeout_s = lock_timeout_s
+
+    def _call(self, what: str, fn):
+        import redis
+
+        try:
+            return fn()
+        except redis.RedisError as exc:
+            raise TransientError(f"redis index: {what} failed: {exc}") from exc
+
+    def put(self, item: Item) -> None:
+        def run():
+            old = self.redis.hget(PREFIX + "meta", item.item_id)
+            pipe = self.redis.pipeline(transaction=True)
+            if old:
+                old_state, old_stage = old.split(":")
+                pipe.srem(PREFIX + "state:" + old_state, item.item_id)
+                pipe.srem(PREFIX + "stage:" + old_stage, item.item_id)
+            pipe.hset(PREFIX + "meta", item.item_id, f"{item.state.name}:{item.stage.name}")
+            pipe.sadd(PREFIX + "state:" + item.state.name, item.item_id)
+            pipe.sadd(PREFIX + "stage:" + item.stage.name, item.item_id)
+            pipe.execute()
+
+        self._call("put", run)
+
+    def ids(self, state: ItemState | None = None, stage: Stage | None = None) -> list[str]:
+        keys = ([PREFIX + "state:" + state.name] if state is not None else []) + (
+            [PREFIX + "stage:" + stage.name] if stage is not None else [])
+        if not keys:
+            return sorted(self._call("list", lambda: self.redis.hkeys(PREFIX + "meta")))
+        return sorted(self._call("list", lambda: self.redis.sinter(keys)))
+
+    def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        def run():
+            pipe = self.redis.pipeline(transaction=False)
+            for state in ItemState:
+                pipe.scard(PREFIX + "state:" + state.name)
+            for stage in Stage:
+                pipe.scard(PREFIX + "stage:" + stage.name)
+            return pipe.execute()
+
+        values = self._call("count", run)
+        n = len(ItemState)
+        by_state = {s.name.lower(): c for s, c in zip(ItemState, values[:n]) if c}
+        by_stage = {s.name.lower(): c for s, c in zip(Stage, values[n:]) if c}
+        return by_state, by_stage
+
+    def add_dead_letter(self, entry: dict) -> None:
+        self._call("dead letter", lambda: self.redis.rpush(PREFIX + "dead", json.dumps(entry)))
+
+    def dead_letters(self) -> list[dict]:
+        return [json.loads(e) for e in self._call("dead letters", lambda: self.redis.lrange(PREFIX + "dead", 0, -1))]
+
+    @contextmanager
+    def lock(self, item_id: str) -> Iterator[None]:
+        lock = self.redis.lock(PREFIX + "lock:" + item_id, timeout=self.lock_timeout_s,
+                               blocking_timeout=self.lock_timeout_s)
+        if not self._call("lock", lock.acquire):
+            raise TransientError(f"item {item_id} stayed locked for {self.lock_timeout_s} s")
+        try:
+            yield
+        finally:
+            try:
+                lock.release()
+            except Exception:  # noqa: BLE001 - expired: the next holder already has it
+                pass
+
+    def clear(self) -> None:
+        """Drop the state and stage sets (``resume`` rebuilds them); dead letters and locks stay."""
+
+        def run():
+            keys = [PREFIX + "meta"] + list(self.redis.scan_iter(PREFIX + "state:*")) + list(
+                self.redis.scan_iter(PREFIX + "stage:*"))
+            self.redis.delete(*keys)
+
+        self._call("clear", run)
+
+
+def queue_depths(redis_url: str, queues: tuple[str, ...]) -> dict[str, int]:
+    """Messages per Celery queue on Redis: ready (the queue's lists, every priority level) plus
+    unacknowledged (delivered to a worker, not yet acked: kombu's ``unacked`` hash)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        depths = {}
+        for queue in queues:
+            ready = 0
+            # kombu keeps one list per priority step: the queue name, then name + "\x06\x16" + step.
+            for key in [queue.encode()] + [f"{queue}\x06\x16{p}".encode() for p in range(1, 10)]:
+                ready += client.llen(key)
+            depths[queue] = ready
+        for raw in client.hvals("unacked"):
+            try:
+                routing_key = json.loads(raw)[2]
+            except (ValueError, IndexError, TypeError):
+                continue
+            if routing_key in depths:
+                depths[routing_key] += 1
+        return depths
+    except redis.RedisError as exc:
+        raise TransientError(f"reading queue depths from {redis_url} failed: {exc}") from exc
+    finally:
+        client.close()
+
+
+def now() -> float:
+    return round(time.time(), 3)

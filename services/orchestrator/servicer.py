@@ -1,0 +1,83 @@
+"""gRPC ``dataengine.v1.Orchestrator``: converts requests, calls the engine, converts replies."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.common.errors import InvalidInput, NotFound
+from services.common.grpc_server import rpc
+from services.common.pb import orchestrator_pb2, orchestrator_pb2_grpc
+from services.orchestrator import exports
+from services.orchestrator.engine import Orchestrator, Submission
+from services.orchestrator.model import ItemState, PhraseResult, Stage
+
+SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
+
+
+def _counts(d: dict[str, int]) -> list[orchestrator_pb2.CountByKey]:
+    return [orchestrator_pb2.CountByKey(key=k, count=v) for k, v in sorted(d.items())]
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
+    def __init__(self, core: Orchestrator) -> None:
+        self.core = core
+
+    def _item(self, item) -> orchestrator_pb2.Item:
+        return item.to_proto(self.core.grid_masks(item))
+
+    @rpc
+    def Submit(self, request, context) -> orchestrator_pb2.SubmitResponse:
+        images = []
+        for i, ref in enumerate(request.images):
+            which = ref.WhichOneof("source")
+            if which is None:
+                raise InvalidInput(f"image {i} has neither data nor key")
+            images.append(Submission(data=ref.data if which == "data" else None,
+                                     key=ref.key if which == "key" else None, source=ref.filename))
+        ids = self.core.submit(images, list(request.known_labels), Stage.parse(request.stage))
+        return orchestrator_pb2.SubmitResponse(item_ids=ids)
+
+    @rpc
+    def GetItem(self, request, context) -> orchestrator_pb2.Item:
+        if not request.item_id:
+            raise InvalidInput("item_id is empty")
+        return self._item(self.core.load(request.item_id))
+
+    @rpc
+    def ListItems(self, request, context) -> orchestrator_pb2.ListItemsResponse:
+        state = ItemState.parse(request.state) if request.state else None
+        stage = Stage(request.stage) if request.stage else None
+        items, token = self.core.list_items(state, stage, request.page_size or 100, request.page_token)
+        # Listings carry no grid masks (they can be thousands per item): GetItem has them.
+        return orchestrator_pb2.ListItemsResponse(items=[i.to_proto() for i in items], next_page_token=token)
+
+    @rpc
+    def Stats(self, request, context) -> orchestrator_pb2.StatsResponse:
+        stats = self.core.stats()
+        return orchestrator_pb2.StatsResponse(
+            items_by_state=_counts(stats.by_state), items_by_stage=_counts(stats.by_stage),
+            queue_depths=_counts(stats.queue_depths), dead_letters=stats.dead_letters)
+
+    @rpc
+    def NextReview(self, request, context) -> orchestrator_pb2.Item:
+        item = self.core.next_review(request.annotator, Stage(request.stage) if request.stage else None)
+        if item is None:
+            raise NotFound("no item is waiting for review")
+        return self._item(item)
+
+    @rpc
+    def SubmitReview(self, request, context) -> orchestrator_pb2.Item:
+        phrases = [PhraseResult.from_proto(p) for p in request.phrases]
+        return self._item(self.core.submit_review(request.item_id, request.annotator, request.accept, phrases))
+
+    @rpc
+    def Export(self, request, context) -> orchestrator_pb2.ExportResponse:
+        if not request.prefix:
+            raise InvalidInput("export needs an object-store prefix to write under")
+        keys, summary = exports.export_to_store(self.core.store, request.format, request.prefix)
+        return orchestrator_pb2.ExportResponse(keys=keys, items=summary.items)
+
+
+def add_to_server(server: grpc.Server, core: Orchestrator) -> list[str]:
+    orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(core), server)
+    return [SERVICE_NAME]

@@ -1,0 +1,35 @@
+"""Celery task ``orchestrator.report`` (queue ``orchestrator``): every service's step report
+comes here, and the orchestrator decides the item's next step. Thin over ``Orchestrator.report``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from celery import Celery
+
+from services.common.errors import DataEngineError, InvalidInput, TransientError
+from services.common.steps import REPORT_TASK, StepReport, backoff_s
+from services.orchestrator.engine import Orchestrator
+
+log = logging.getLogger(__name__)
+
+
+def register_tasks(app: Celery, core_factory: Callable[[], Orchestrator], max_attempts: int = 5) -> None:
+    @app.task(name=REPORT_TASK, bind=True, shared=False, max_retries=None)
+    def report(self, report_json) -> dict:
+        try:
+            item = core_factory().report(StepReport.from_json(report_json))
+        except InvalidInput as exc:  # a malformed message: nothing to apply it to
+            log.error("malformed report dropped: %s", exc)
+            return {"ok": False, "reason": str(exc)}
+        except TransientError as exc:
+            attempt = self.request.retries + 1
+            if attempt < max_attempts:
+                raise self.retry(exc=exc, countdown=backoff_s(attempt))
+            log.error("report for %s given up after %d attempts: %s", report_json.get("item_id"), attempt, exc)
+            return {"ok": False, "reason": str(exc)}
+        except DataEngineError as exc:
+            log.error("report rejected: %s", exc)
+            return {"ok": False, "reason": str(exc)}
+        return {"ok": True, "state": item.state.name if item else None}
