@@ -7,59 +7,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from services.cli_common import collect_images, fail as _fail, progress as _progress, settings as _settings
 from services.common.errors import DataEngineError
-from services.common.settings import Settings
+from services.orchestrator import commands
 
 app = typer.Typer(help="dataengine: raw images to verified segmentation datasets.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 models_app = typer.Typer(help="SAM checkpoints.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-console = Console(stderr=True)
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
-SERVABLE = ("embedder", "decoder")
-PLANNED = {"concepts": 4, "verifier": 5, "orchestrator": 3}
-
-
-def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(code)
-
-
-def collect_images(paths: list[Path]) -> list[Path]:
-    """Files as given, folders searched recursively for image suffixes; sorted, no duplicates."""
-    found: dict[Path, None] = {}
-    for path in paths:
-        if path.is_dir():
-            for p in sorted(path.rglob("*")):
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-                    found[p] = None
-        elif path.is_file():
-            found[path] = None
-        else:
-            _fail(f"{path} does not exist")
-    return list(found)
-
-
-def _settings(**overrides) -> Settings:
-    """Settings from the environment with command-line overrides; a bad value names the field."""
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}"
-                             for e in exc.errors())
-        _fail(f"bad setting: {problems}")
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), console=console)
-
-
 @app.command()
 def masks(
     images: list[Path] = typer.Argument(..., help="Image files or folders."),
@@ -138,22 +94,22 @@ def models_fetch(
 
 @app.command()
 def serve(
-    service: str = typer.Argument(..., help="embedder or decoder."),
+    service: str = typer.Argument(..., help="embedder, decoder, concepts, verifier or orchestrator."),
     grpc_server: bool = typer.Option(True, "--grpc/--no-grpc", help="Run the gRPC server."),
     worker: bool = typer.Option(True, "--worker/--no-worker", help="Run the Celery worker."),
 ) -> None:
     """Start SERVICE's gRPC server and its Celery worker (queue SERVICE) until SIGTERM."""
-    from services.serve import run_service
+    from services.serve import SERVICES, run_service
 
-    if service in PLANNED:
-        _fail(f"service {service!r} is not implemented yet (issue {PLANNED[service]})", code=1)
-    if service not in SERVABLE:
-        _fail(f"unknown service {service!r}; choose one of {', '.join(SERVABLE)}")
+    if service not in SERVICES:
+        _fail(f"unknown service {service!r}; choose one of {', '.join(SERVICES)}")
     try:
         run_service(service, _settings(), grpc_server=grpc_server, worker=worker)
     except (DataEngineError, ValueError) as exc:
         _fail(str(exc), code=1)
 
+
+commands.register(app)
 
 if __name__ == "__main__":
     app()

@@ -9,9 +9,10 @@ from typing import Callable
 
 from services.common.grpc_server import build_server, serve_until_signal
 from services.common.logs import setup_logging
-from services.common.queues import create_celery
+from services.common.queues import SERVICES as QUEUES, create_celery
 from services.common.sam_models import load_from_settings
 from services.common.settings import Settings
+from services.common.steps import StepHandler, register_step_task
 from services.common.storage import open_store
 
 log = logging.getLogger(__name__)
@@ -19,33 +20,94 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServiceParts:
+    """What ``serve`` needs of a service.
+
+    make_core: builds the core (loads the model) from the settings.
+    add_to_server: (grpc.Server, core) -> the full service names (for health and reflection).
+    register_tasks: (Celery, core_factory, Settings) -> None, the service's own Celery tasks.
+    make_step: core -> the pipeline step handler (registered as ``<service>.step``), or None.
+    """
+
     make_core: Callable[[Settings], object]
-    add_to_server: Callable  # (grpc.Server, core) -> list of full service names
-    register_tasks: Callable  # (Celery, core_factory) -> None
+    add_to_server: Callable
+    register_tasks: Callable | None = None
+    make_step: Callable[[object], StepHandler] | None = None
 
 
 def _embedder() -> ServiceParts:
-    from services.embedder import servicer, tasks
+    from services.embedder import servicer, step, tasks
     from services.embedder.core import EmbedderCore
 
     def make(settings: Settings) -> EmbedderCore:
         return EmbedderCore(load_from_settings(settings), open_store(settings), settings.embed_batch_size,
                             settings.max_image_pixels)
 
-    return ServiceParts(make, servicer.add_to_server, tasks.register_tasks)
+    return ServiceParts(make, servicer.add_to_server, lambda app, cf, _: tasks.register_tasks(app, cf),
+                        step.make_handler)
 
 
 def _decoder() -> ServiceParts:
-    from services.decoder import servicer, tasks
+    from services.decoder import servicer, step, tasks
     from services.decoder.core import DecoderCore
 
     def make(settings: Settings) -> DecoderCore:
         return DecoderCore(load_from_settings(settings), open_store(settings), settings.embedding_cache_size)
 
-    return ServiceParts(make, servicer.add_to_server, tasks.register_tasks)
+    return ServiceParts(make, servicer.add_to_server, lambda app, cf, _: tasks.register_tasks(app, cf),
+                        lambda core: step.make_handler(core, core.store))
 
 
-SERVICES: dict[str, Callable[[], ServiceParts]] = {"embedder": _embedder, "decoder": _decoder}
+def _concepts() -> ServiceParts:
+    from services.concepts import servicer, step
+    from services.concepts.core import ConceptsCore
+
+    return ServiceParts(ConceptsCore.from_settings, servicer.add_to_server, None,
+                        lambda core: step.make_handler(core, core.store))
+
+
+def _verifier() -> ServiceParts:
+    from services.verifier import servicer, step
+    from services.verifier.core import VerifierCore
+
+    return ServiceParts(VerifierCore.from_settings, servicer.add_to_server, None,
+                        lambda core: step.make_handler(core, core.store))
+
+
+def _orchestrator() -> ServiceParts:
+    from services.orchestrator import servicer, tasks
+    from services.orchestrator.dispatch import CeleryDispatcher
+    from services.orchestrator.engine import Orchestrator
+    from services.orchestrator.index import RedisIndex, queue_depths
+    from services.orchestrator.routing import Thresholds
+
+    def make(settings: Settings) -> Orchestrator:
+        return Orchestrator(
+            open_store(settings), RedisIndex(settings.broker_url), CeleryDispatcher(create_celery(settings)),
+            Thresholds(settings.accept_threshold, settings.review_threshold), dict(settings.amg_params),
+            queue_depths=lambda: queue_depths(settings.broker_url, QUEUES))
+
+    return ServiceParts(make, servicer.add_to_server,
+                        lambda app, cf, settings: tasks.register_tasks(app, cf, settings.max_attempts))
+
+
+SERVICES: dict[str, Callable[[], ServiceParts]] = {
+    "embedder": _embedder, "decoder": _decoder, "concepts": _concepts, "verifier": _verifier,
+    "orchestrator": _orchestrator}
+
+
+def _register(app, service: str, parts: ServiceParts, core_factory: Callable[[], object],
+              settings: Settings) -> None:
+    if parts.register_tasks is not None:
+        parts.register_tasks(app, core_factory, settings)
+    if parts.make_step is not None:
+        handler: list[StepHandler] = []
+
+        def handler_factory() -> StepHandler:
+            if not handler:
+                handler.append(parts.make_step(core_factory()))
+            return handler[0]
+
+        register_step_task(app, service, handler_factory, settings.max_attempts)
 
 
 def make_worker_app(service: str, settings: Settings):
@@ -60,7 +122,7 @@ def make_worker_app(service: str, settings: Settings):
         return core[0]
 
     app = create_celery(settings)
-    parts.register_tasks(app, core_factory)
+    _register(app, service, parts, core_factory, settings)
     return app
 
 
@@ -81,7 +143,7 @@ def run_service(service: str, settings: Settings, grpc_server: bool = True, work
     if server is not None:
         server.start()
     app = create_celery(settings)
-    parts.register_tasks(app, lambda: core)
+    _register(app, service, parts, lambda: core, settings)
     try:
         # Solo pool: the model lives in this process once; CUDA does not survive fork anyway.
         # Celery turns SIGTERM into a warm shutdown: the running task finishes, then we return.

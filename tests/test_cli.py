@@ -45,7 +45,6 @@ def test_masks_writes_one_sa1b_json_per_image_and_reports_bad_ones(image_dir, ti
     (["masks", ".", "--out", "o", "--points-per-side", "0"], "points_per_side"),   # bad parameter
     (["masks", ".", "--out", "o", "--model-type", "vit_q"], "vit_q"),              # unknown model
     (["serve", "nonsense"], "unknown service"),                                    # unknown service
-    (["serve", "orchestrator"], "not implemented yet"),                            # later issue
 ])
 def test_bad_arguments_name_the_problem(args, message):
     result = runner.invoke(app, args)

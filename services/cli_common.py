@@ -1,0 +1,52 @@
+"""Helpers shared by the command modules: errors, settings with overrides, progress, inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from services.common.settings import Settings
+
+console = Console(stderr=True)  # progress, warnings and errors
+stdout = Console()  # results (tables)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+
+
+def fail(message: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def collect_images(paths: list[Path]) -> list[Path]:
+    """Files as given, folders searched recursively for image suffixes; sorted, no duplicates."""
+    found: dict[Path, None] = {}
+    for path in paths:
+        if path.is_dir():
+            for p in sorted(path.rglob("*")):
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                    found[p] = None
+        elif path.is_file():
+            found[path] = None
+        else:
+            fail(f"{path} does not exist")
+    return list(found)
+
+
+def settings(**overrides) -> Settings:
+    """Settings from the environment with command-line overrides; a bad value names the field."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}"
+                             for e in exc.errors())
+        fail(f"bad setting: {problems}")
+
+
+def progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=console)

@@ -1,0 +1,9 @@
+"""Celery entry point: ``celery -A services.concepts.worker_app worker -Q concepts -P solo``.
+
+Settings come from the ``DATAENGINE_*`` environment; the core is built on the first task.
+"""
+
+from services.common.settings import get_settings
+from services.serve import make_worker_app
+
+app = make_worker_app("concepts", get_settings())

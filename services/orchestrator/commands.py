@@ -1,0 +1,226 @@
+"""Orchestrator commands: ``run`` (the embedded main job), ``submit`` and ``status`` (gRPC clients
+of a deployment), ``export`` (from the object store) and ``reconcile`` (rebuild Redis indices).
+
+Thin: each parses its arguments, calls the same core code the services run, and prints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.table import Table
+
+from services.cli_common import collect_images, console, fail, progress, settings as make_settings, stdout
+from services.common.errors import DataEngineError
+from services.common.settings import Settings
+
+LABEL_HELP = "A noun phrase known to be in the images (repeat for more); the offline concepts backend uses these."
+STAGE_HELP = "1 assisted_manual, 2 semi_automatic or 3 fully_automatic."
+
+
+def _amg(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        fail(f"--amg-params is not JSON: {exc}")
+    if not isinstance(value, dict):
+        fail(f"--amg-params must be a JSON object like '{{\"points_per_side\": 16}}', got {text!r}")
+    return value
+
+
+def _stage(text: str):
+    from services.orchestrator.model import Stage
+
+    try:
+        return Stage.parse(text)
+    except DataEngineError as exc:
+        fail(str(exc))
+
+
+def run(
+    images: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),
+    out: Path = typer.Option(..., "--out", help="Output folder: coco.json, saco.json, sa1b/, report.json."),
+    model_type: Optional[str] = typer.Option(None, "--model-type", help="vit_h, vit_l, vit_b or tiny."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="SAM checkpoint (.pth)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N."),
+    label: list[str] = typer.Option([], "--label", help=LABEL_HELP),
+    stage: str = typer.Option("3", "--stage", help=STAGE_HELP),
+    amg_params: Optional[str] = typer.Option(None, "--amg-params",
+                                             help="Grid-mask parameters as JSON, e.g. '{\"points_per_side\": 16}'."),
+) -> None:
+    """The whole engine in one process, no servers: every image to a final state, then the exports.
+
+    Interrupted and started again with the same OUT, it resumes without redoing finished steps.
+    """
+    from services.orchestrator.embedded import EmbeddedEngine
+
+    settings = make_settings(model_type=model_type, checkpoint=checkpoint, device=device, amg_params=_amg(amg_params))
+    chosen_stage = _stage(stage)
+    if not images.exists():
+        fail(f"{images} does not exist")
+    files = collect_images([images])
+    if not files:
+        fail(f"no image files found in {images}")
+    root = images if images.is_dir() else images.parent
+    try:
+        engine = EmbeddedEngine(settings, out)
+    except (DataEngineError, ValueError, OSError) as exc:
+        fail(str(exc), code=1)
+    results = []
+    try:
+        resumed = engine.resume()
+        if resumed:
+            console.print(f"resumed {resumed} unfinished items from an earlier run")
+        with progress() as bar:
+            task = bar.add_task("images", total=len(files))
+            for path in files:
+                result = engine.process(path, path.relative_to(root).as_posix(), label, chosen_stage)
+                results.append(result)
+                if result.state == "failed":
+                    bar.console.print(f"[red]{result.file}: {result.reason}[/red]")
+                bar.advance(task)
+        paths = engine.write_outputs(results)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: run the same command again to resume")
+        raise typer.Exit(130)
+    except DataEngineError as exc:  # storage trouble that outlived the retries
+        fail(str(exc), code=1)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.state] = counts.get(r.state, 0) + 1
+    _table("items by final state", counts)
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
+
+
+def _channel(settings: Settings, address: str | None):
+    import grpc
+
+    from services.common.grpc_server import channel_options
+
+    target = address or f"localhost:{settings.orchestrator_port}"
+    return grpc.insecure_channel(target, options=channel_options(settings.max_message_bytes))
+
+
+def _call(fn, *args):
+    import grpc
+
+    try:
+        return fn(*args, timeout=120)
+    except grpc.RpcError as exc:
+        fail(f"{exc.code().name}: {exc.details()}", code=1)
+
+
+def _batches(files: list[Path], max_bytes: int, max_count: int) -> Iterator[list[Path]]:
+    """Files in groups that fit one request (a file larger than the limit travels alone and the
+    server names it)."""
+    batch, size = [], 0
+    for path in files:
+        n = path.stat().st_size
+        if batch and (size + n > max_bytes or len(batch) >= max_count):
+            yield batch
+            batch, size = [], 0
+        batch.append(path)
+        size += n
+    if batch:
+        yield batch
+
+
+def submit(
+    images: list[Path] = typer.Argument(..., help="Image files or folders."),
+    label: list[str] = typer.Option([], "--label", help=LABEL_HELP),
+    stage: str = typer.Option("3", "--stage", help=STAGE_HELP),
+    address: Optional[str] = typer.Option(None, "--address", help="Orchestrator host:port."),
+    batch: int = typer.Option(16, "--batch", min=1, help="Images per request."),
+) -> None:
+    """Submit images to a running orchestrator; prints one `ITEM_ID<TAB>FILE` line per image."""
+    from services.common.pb import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+
+    settings = make_settings()
+    chosen_stage = _stage(stage)
+    files = collect_images(images)
+    if not files:
+        fail("no image files found in " + ", ".join(map(str, images)))
+    stub = orchestrator_pb2_grpc.OrchestratorStub(_channel(settings, address))
+    # Half the message limit leaves room for the request's other fields and protobuf framing.
+    for group in _batches(files, settings.max_message_bytes // 2, batch):
+        request = orchestrator_pb2.SubmitRequest(
+            images=[common_pb2.ImageRef(data=p.read_bytes(), filename=str(p)) for p in group],
+            known_labels=label, stage=int(chosen_stage))
+        reply = _call(stub.Submit, request)
+        for item_id, path in zip(reply.item_ids, group):
+            typer.echo(f"{item_id}\t{path}")
+
+
+def status(
+    address: Optional[str] = typer.Option(None, "--address", help="Orchestrator host:port."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Items per state and stage, queue depths (ready + unacknowledged) and dead letters."""
+    from services.common.pb import orchestrator_pb2, orchestrator_pb2_grpc
+
+    stub = orchestrator_pb2_grpc.OrchestratorStub(_channel(make_settings(), address))
+    reply = _call(stub.Stats, orchestrator_pb2.StatsRequest())
+    stats = {"items_by_state": {c.key: c.count for c in reply.items_by_state},
+             "items_by_stage": {c.key: c.count for c in reply.items_by_stage},
+             "queue_depths": {c.key: c.count for c in reply.queue_depths}, "dead_letters": reply.dead_letters}
+    if as_json:
+        typer.echo(json.dumps(stats))
+        return
+    for title in ("items_by_state", "items_by_stage", "queue_depths"):
+        _table(title.replace("_", " "), stats[title])
+    typer.echo(f"dead letters: {reply.dead_letters}")
+
+
+def export(
+    fmt: str = typer.Argument(..., help="coco, sa1b or saco."),
+    out: Path = typer.Option(..., "--out", help="JSON file (coco, saco) or folder (sa1b)."),
+    state: list[str] = typer.Option([], "--state", help="Export items in this state (repeat); default: all."),
+) -> None:
+    """Export the dataset from the object store (DATAENGINE_STORE settings), streaming."""
+    from services.common.storage import open_store
+    from services.orchestrator import exports
+    from services.orchestrator.model import ItemState
+
+    try:
+        states = {ItemState.parse(s) for s in state} or None
+        summary = exports.export(open_store(make_settings()), fmt, out, states)
+    except DataEngineError as exc:
+        fail(str(exc), code=1)
+    typer.echo(json.dumps(summary.to_json()))
+
+
+def reconcile() -> None:
+    """Rebuild the Redis indices from the manifests in the object store and re-enqueue the pending
+    steps of every unfinished item (after Redis lost its data). Steps still in flight may run
+    twice; their outputs overwrite the same keys and their second report is ignored."""
+    from services.serve import SERVICES
+
+    settings = make_settings()
+    try:
+        orchestrator = SERVICES["orchestrator"]().make_core(settings)
+        restarted = orchestrator.resume()
+        by_state, _ = orchestrator.index.counts()
+    except DataEngineError as exc:
+        fail(str(exc), code=1)
+    _table("items by state", by_state)
+    typer.echo(f"re-enqueued {restarted} unfinished items")
+
+
+def _table(title: str, counts: dict[str, int]) -> None:
+    table = Table(title=title)
+    table.add_column("key")
+    table.add_column("count", justify="right")
+    for key, count in sorted(counts.items()):
+        table.add_row(key, str(count))
+    stdout.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    for command in (run, submit, status, export, reconcile):
+        app.command()(command)
