@@ -1,0 +1,275 @@
+"""The orchestrator end to end in one process: the real step handlers on the tiny SAM, reports
+applied by ``Orchestrator.report``, routing by the verifier's score, retries, dead letters,
+redelivery, resume after an interruption, and human review."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from services.common.concepts import HardNegative, NounPhrase, Proposal
+from services.common.errors import DataEngineError, FailedPrecondition, TransientError
+from services.common.settings import Settings
+from services.common.steps import StepReport
+from services.common.verdicts import PairVerdict, Verdict, Verification
+from services.concepts import step as concepts_step
+from services.concepts.core import ConceptsCore
+from services.orchestrator.embedded import EmbeddedEngine
+from services.orchestrator.engine import Submission
+from services.orchestrator.model import DECODE, EMBED, PROPOSE, VERIFY, ItemState, Stage
+from services.verifier import step as verifier_step
+from services.verifier.core import VerifierCore
+
+GRID = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+
+
+class ScriptedVerifier:
+    """A verifier backend whose pair scores are given per phrase (the model's judgement, which
+    random weights cannot supply); the item score is the minimum over positives, as documented."""
+
+    name = "scripted"
+    needs_pixels = False
+
+    def __init__(self, scores: dict[str, float]) -> None:
+        self.scores = scores
+
+    def verify(self, pixels, pairs, grid_masks, checks) -> Verification:
+        results = [PairVerdict(p.phrase, p.is_negative, self.scores[p.phrase],
+                               [Verdict("mask", "accept", self.scores[p.phrase], self.name, p.phrase)])
+                   for p in pairs]
+        positives = [r.score for r in results if not r.is_negative]
+        return Verification(results, min(positives) if positives else 0.0)
+
+
+class BoxConcepts:
+    """A concepts backend that grounds each known label with a box, and proposes one negative."""
+
+    name = "boxes"
+    needs_pixels = False
+
+    def propose(self, pixels, known_labels: Sequence[str], max_positives=0, max_negatives=0) -> Proposal:
+        return Proposal([NounPhrase(t, 1.0, self.name, box=(2.0, 2.0, 30.0, 20.0)) for t in known_labels],
+                        [HardNegative("unicorn", "ontology_sibling", 0.9, self.name)])
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40 + 4 * i, 56, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+@pytest.fixture
+def make_engine(tmp_path, tiny_sam):
+    def make(verifier=None, concepts=None, out: Path | None = None, **settings) -> EmbeddedEngine:
+        engine = EmbeddedEngine(Settings(model_type="tiny", amg_params=GRID, **settings), out or tmp_path / "out",
+                                sam=tiny_sam)
+        engine.dispatcher.sleep = lambda s: None  # backoff without waiting
+        if verifier is not None:
+            engine.dispatcher.handlers[VERIFY] = verifier_step.make_handler(VerifierCore(verifier, engine.store),
+                                                                            engine.store)
+        if concepts is not None:
+            engine.dispatcher.handlers[PROPOSE] = concepts_step.make_handler(ConceptsCore(concepts, engine.store),
+                                                                             engine.store)
+        return engine
+
+    return make
+
+
+def count_steps(engine: EmbeddedEngine) -> list[str]:
+    calls: list[str] = []
+    for step, handler in list(engine.dispatcher.handlers.items()):
+        def counted(request, handler=handler, step=step):
+            calls.append(step)
+            return handler(request)
+        engine.dispatcher.handlers[step] = counted
+    return calls
+
+
+@pytest.mark.parametrize("score, stage, state", [
+    (0.95, Stage.FULLY_AUTOMATIC, ItemState.ACCEPTED),
+    (0.9, Stage.FULLY_AUTOMATIC, ItemState.ACCEPTED),   # the accept boundary is accepted
+    (0.89, Stage.FULLY_AUTOMATIC, ItemState.REVIEW),
+    (0.7, Stage.FULLY_AUTOMATIC, ItemState.REVIEW),     # the review boundary is reviewed
+    (0.69, Stage.FULLY_AUTOMATIC, ItemState.REJECTED),  # to the stage-2 fix queue
+    (0.95, Stage.SEMI_AUTOMATIC, ItemState.REVIEW),     # stage 2: never accepted without a human
+])
+def test_items_route_by_the_verifier_score(make_engine, images, score, stage, state):
+    engine = make_engine(ScriptedVerifier({"dog": score, "cat": 1.0}))
+    calls = count_steps(engine)
+    result = engine.process(images / "im0.png", "im0.png", ["dog", "cat"], stage)
+    assert result.state == state.name.lower(), result
+    assert result.score == pytest.approx(score)  # min over the positive pairs
+    assert sorted(calls) == sorted([EMBED, PROPOSE, DECODE, VERIFY])  # each step once
+    item = engine.orchestrator.load(result.item_id)
+    assert {p.phrase: p.state for p in item.phrases}["dog"] == state
+    assert [h[0] for h in item.history][:1] == ["INGESTED"] and item.history[-1][0] == state.name
+
+
+def test_grounded_phrases_get_masks_and_negatives_none(make_engine, images):
+    engine = make_engine(ScriptedVerifier({"dog": 0.95, "unicorn": 0.8}), BoxConcepts())
+    result = engine.process(images / "im1.png", "im1.png", ["dog"])
+    item = engine.orchestrator.load(result.item_id)
+    by_phrase = {p.phrase: p for p in item.phrases}
+    assert by_phrase["dog"].grounded and len(by_phrase["dog"].masks) == 1
+    assert by_phrase["unicorn"].is_negative and by_phrase["unicorn"].masks == []
+    assert by_phrase["dog"].masks[0].segmentation["size"] == [item.height, item.width]
+    assert item.state == ItemState.ACCEPTED  # the negative's score does not enter the item's
+
+
+def test_the_same_file_twice_is_one_item_and_runs_once(make_engine, images):
+    engine = make_engine()
+    calls = count_steps(engine)
+    first = engine.process(images / "im2.png", "im2.png", ["dog"])
+    again = engine.process(images / "im2.png", "im2.png", ["dog"])
+    assert first.item_id == again.item_id and len(calls) == 4
+    assert engine.orchestrator.stats().by_state == {first.state: 1}
+
+
+def test_bad_images_fail_with_the_reason_and_others_go_on(make_engine, images):
+    (images / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    engine = make_engine()
+    bad = engine.process(images / "junk.png", "junk.png", ["dog"])
+    good = engine.process(images / "im3.png", "im3.png", ["dog"])
+    empty = (images / "empty.png")
+    empty.write_bytes(b"")
+    nothing = engine.process(empty, "empty.png", ["dog"])
+    assert bad.state == "failed" and "junk.png" in bad.reason and bad.reason.startswith("embed:")
+    assert good.state in ("accepted", "review", "rejected")
+    assert nothing.state == "failed" and "empty" in nothing.reason and nothing.item_id == ""
+
+
+def test_a_redelivered_report_is_applied_once_and_dispatches_nothing_new(make_engine, images):
+    engine = make_engine()
+    orch, dispatcher = engine.orchestrator, engine.dispatcher
+    (item_id,) = orch.submit([Submission(data=(images / "im4.png").read_bytes(), source="im4.png")], ["dog"])
+    embed = dispatcher.queue.popleft()
+    assert embed.step == EMBED and [r.step for r in dispatcher.queue] == [PROPOSE]
+    report = dispatcher.run_one(embed)
+    orch.report(report)
+    orch.report(report)  # the worker died after reporting: the task ran again
+    assert orch.load(item_id).done == [EMBED]
+    assert [r.step for r in dispatcher.queue] == [PROPOSE]  # nothing sent twice
+    dispatcher.run(orch.report)
+    item = orch.load(item_id)
+    assert sorted(item.done) == sorted([EMBED, PROPOSE, DECODE, VERIFY]) and item.settled
+    assert orch.report(report).state == item.state  # a late duplicate changes nothing
+
+
+def test_transient_errors_retry_then_dead_letter(make_engine, images):
+    engine = make_engine(max_attempts=3)
+    real = engine.dispatcher.handlers[PROPOSE]
+    failures = {"left": 1}
+
+    def flaky(request):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise TransientError("object store: connection reset")
+        return real(request)
+
+    engine.dispatcher.handlers[PROPOSE] = flaky
+    recovered = engine.process(images / "im0.png", "im0.png", ["dog"])
+    assert recovered.state != "failed" and failures["left"] == 0
+
+    def down(request):
+        raise TransientError("object store: connection refused")
+
+    engine.dispatcher.handlers[PROPOSE] = down
+    dead = engine.process(images / "im1.png", "im1.png", ["dog"])
+    assert dead.state == "failed" and "gave up after 3 attempts" in dead.reason
+    stats = engine.orchestrator.stats()
+    assert stats.dead_letters == 1
+    (letter,) = engine.orchestrator.index.dead_letters()
+    assert letter["item_id"] == dead.item_id and letter["step"] == PROPOSE and letter["attempts"] == 3
+
+
+def test_unusable_step_output_fails_the_item(make_engine, images):
+    engine = make_engine()
+    engine.dispatcher.handlers[DECODE] = lambda request: {"count": 3}  # no keys: a broken stage
+    result = engine.process(images / "im5.png", "im5.png", ["dog"])
+    assert result.state == "failed" and "decode" in result.reason and "decode_key" in result.reason
+
+
+def test_an_interrupted_run_resumes_without_redoing_finished_steps(make_engine, images, tmp_path):
+    out = tmp_path / "resumable"
+    first = make_engine(out=out)
+    (item_id,) = first.orchestrator.submit([Submission(data=(images / "im0.png").read_bytes(),
+                                                       source="im0.png")], ["dog"])
+    first.orchestrator.report(first.dispatcher.run_one(first.dispatcher.queue.popleft()))  # embed only
+    embedding = first.store.root / first.orchestrator.load(item_id).outputs[EMBED]
+    stamp = embedding.stat().st_mtime_ns
+    del first  # the process dies: its in-memory queue (propose, now) is gone
+
+    again = make_engine(out=out)
+    calls = count_steps(again)
+    assert again.resume() == 1
+    assert sorted(calls) == sorted([PROPOSE, DECODE, VERIFY])  # embed is not redone
+    assert embedding.stat().st_mtime_ns == stamp
+    assert again.orchestrator.load(item_id).settled
+    assert again.resume() == 0
+
+
+def test_assisted_manual_items_wait_for_an_annotator(make_engine, images):
+    engine = make_engine()
+    calls = count_steps(engine)
+    result = engine.process(images / "im2.png", "im2.png", [], Stage.ASSISTED_MANUAL)
+    assert result.state == "review" and calls == [EMBED]
+    orch = engine.orchestrator
+    claimed = orch.next_review("ann")
+    assert claimed.item_id == result.item_id and claimed.reviewer == "ann"
+    assert orch.next_review("bob") is None  # claimed by ann
+    with pytest.raises(FailedPrecondition, match="claimed by 'ann'"):
+        orch.submit_review(result.item_id, "bob", True)
+    done = orch.submit_review(result.item_id, "ann", True)
+    assert done.state == ItemState.ACCEPTED and done.reason == "reviewed by ann"
+    with pytest.raises(FailedPrecondition, match="not waiting for review"):
+        orch.submit_review(result.item_id, "ann", False)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda o: o.submit([]), "no images"),
+    (lambda o: o.submit([Submission(key="images/nothing")]), "not found"),
+    (lambda o: o.submit([Submission(key="../etc/passwd")]), "key"),
+    (lambda o: o.submit([Submission(data=b"x")], ["  "]), "empty"),
+    (lambda o: o.submit([Submission(data=b"x")], "dog"), "not one string"),
+    (lambda o: o.submit([Submission(data=b"x")], stage="stage_9"), "unknown stage"),
+    (lambda o: o.list_items(page_size=0), "page_size"),
+    (lambda o: o.next_review(" "), "annotator"),
+])
+def test_bad_requests_name_the_problem(make_engine, call, match):
+    with pytest.raises(DataEngineError, match=match):  # each carries its gRPC status code
+        call(make_engine().orchestrator)
+
+
+def test_listing_pages_through_items_by_state(make_engine, images):
+    engine = make_engine(ScriptedVerifier({"dog": 0.95}))
+    ids = {engine.process(images / f"im{i}.png", f"im{i}.png", ["dog"]).item_id for i in range(5)}
+    seen, token = [], ""
+    while True:
+        page, token = engine.orchestrator.list_items(ItemState.ACCEPTED, page_size=2, token=token)
+        seen += [i.item_id for i in page]
+        if not token:
+            break
+    assert sorted(seen) == sorted(ids) and len(seen) == 5
+    assert engine.orchestrator.list_items(ItemState.FAILED)[0] == []
+
+
+def test_run_report_lists_every_file_once(make_engine, images):
+    engine = make_engine()
+    (images / "broken.jpg").write_bytes(b"not an image")
+    files = sorted(images.iterdir())
+    results = [engine.process(p, p.name, ["dog"]) for p in files]
+    paths = engine.write_outputs(results)
+    report = json.loads(paths["report"].read_text())
+    assert [r["file"] for r in report["items"]] == [p.name for p in files]
+    assert report["by_state"]["failed"] == 1 and report["files"] == len(files)
+    assert sorted(p.name for p in paths["sa1b"].iterdir()) == sorted(f"{p.stem}.json" for p in files
+                                                                      if p.suffix == ".png")
