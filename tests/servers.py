@@ -84,22 +84,33 @@ def s3_server() -> Iterator[str]:
         _stop(proc)
 
 
+def start_celery_worker(service: str, env: dict[str, str], log) -> subprocess.Popen:
+    """A Celery worker process for ``service`` (solo pool, queue ``service``), as deployments run
+    it; ``log`` is an open binary file for its output. The caller stops it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", f"services.{service}.worker_app", "worker", "-Q", service,
+         "-P", "solo", "-c", "1", "-n", f"{service}-{free_port()}@%h", "--without-gossip", "--without-mingle",
+         "-l", "INFO"], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_worker(worker: subprocess.Popen, timeout: float = 30) -> int:
+    """SIGTERM (Celery's warm shutdown), SIGKILL if it does not stop in ``timeout``; the exit code."""
+    worker.terminate()
+    try:
+        return worker.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        return worker.wait()
+
+
 @contextmanager
 def celery_worker(service: str, env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
-    """A Celery worker for ``service`` in its own process (solo pool, queue ``service``), as
-    deployments run it. On exit it gets SIGTERM and must shut down warm with exit code 0."""
+    """A Celery worker for ``service`` in its own process. On exit it gets SIGTERM and must shut
+    down warm with exit code 0."""
     with open(log_path, "wb") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", f"services.{service}.worker_app", "worker", "-Q", service,
-             "-P", "solo", "-c", "1", "--without-gossip", "--without-mingle", "-l", "INFO"],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
+        worker = start_celery_worker(service, env, log)
         try:
             yield worker
         finally:
-            worker.terminate()
-            try:
-                code = worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                code = worker.wait()
+            code = stop_worker(worker)
     assert code == 0, f"worker exited with {code}: " + Path(log_path).read_text()[-3000:]

@@ -33,11 +33,21 @@ def create_celery(settings: Settings) -> Celery:
         task_routes=[_route],
         result_expires=24 * 3600,
         broker_connection_retry_on_startup=True,
-        # Redis redelivers an unacknowledged message after this many seconds; longer than any task.
-        broker_transport_options={"visibility_timeout": 3600},
+        broker_transport_options=transport_options(settings.visibility_timeout_s),
         worker_hijack_root_logger=False,
     )
     return app
+
+
+def transport_options(visibility_timeout_s: int) -> dict:
+    """Redis transport options. A message whose worker died unacknowledged (SIGKILL, OOM, lost
+    node) goes back to its queue ``visibility_timeout_s`` after delivery; kombu looks for such
+    messages every ``unacked_restore_interval`` seconds. The timeout must exceed the longest task:
+    a task still running past it is delivered a second time (harmless, as every step overwrites
+    its own output, but wasted work)."""
+    return {"visibility_timeout": visibility_timeout_s,
+            "unacked_restore_interval": max(1, min(10, visibility_timeout_s // 4)),
+            "unacked_restore_throttle": 1}
 
 
 def _route(name: str, args, kwargs, options, task=None, **kw) -> dict | None:

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
 
     # Queues
     broker_url: str = "redis://localhost:6379/0"
+    # A task unacknowledged this long (its worker died) is delivered again; longer than any task.
+    visibility_timeout_s: int = Field(3600, ge=2)
 
     # SAM model
     model_type: Literal["vit_h", "vit_l", "vit_b", "tiny"] = "vit_b"

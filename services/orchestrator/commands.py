@@ -180,7 +180,8 @@ def status(
 def export(
     fmt: str = typer.Argument(..., help="coco, sa1b or saco."),
     out: Path = typer.Option(..., "--out", help="JSON file (coco, saco) or folder (sa1b)."),
-    state: list[str] = typer.Option([], "--state", help="Export items in this state (repeat); default: all."),
+    state: list[str] = typer.Option([], "--state", help="Export items in this state (repeat); "
+                                    "default: accepted, review and rejected."),
 ) -> None:
     """Export the dataset from the object store (DATAENGINE_STORE settings), streaming."""
     from services.common.storage import open_store
@@ -188,7 +189,7 @@ def export(
     from services.orchestrator.model import ItemState
 
     try:
-        states = {ItemState.parse(s) for s in state} or None
+        states = {ItemState.parse(s) for s in state} or exports.DATASET_STATES
         summary = exports.export(open_store(make_settings()), fmt, out, states)
     except DataEngineError as exc:
         fail(str(exc), code=1)

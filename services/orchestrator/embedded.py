@@ -28,14 +28,12 @@ from services.orchestrator import exports
 from services.orchestrator.dispatch import InlineDispatcher
 from services.orchestrator.engine import Orchestrator, Submission
 from services.orchestrator.index import MemoryIndex
-from services.orchestrator.model import DECODE, EMBED, PROPOSE, VERIFY, Item, ItemState, Stage
+from services.orchestrator.model import DECODE, EMBED, PROPOSE, VERIFY, Item, Stage
 from services.orchestrator.routing import Thresholds
 from services.verifier import step as verifier_step
 from services.verifier.core import VerifierCore
 
 STORE_DIR = ".dataengine"
-# What a run exports: everything the machine finished (failed and discarded items are in report.json).
-EXPORT_STATES = frozenset({ItemState.ACCEPTED, ItemState.REVIEW, ItemState.REJECTED})
 
 
 @dataclass
@@ -100,7 +98,7 @@ class EmbeddedEngine:
         self.dispatcher.run(self.orchestrator.report)
         return FileResult.of(source, self.orchestrator.load(item_id))
 
-    def write_outputs(self, results: Sequence[FileResult], states=EXPORT_STATES) -> dict[str, Path]:
+    def write_outputs(self, results: Sequence[FileResult], states=exports.DATASET_STATES) -> dict[str, Path]:
         """``coco.json``, ``saco.json``, ``sa1b/`` and ``report.json`` in ``out_dir``."""
         paths = {"coco": self.out_dir / "coco.json", "saco": self.out_dir / "saco.json",
                  "sa1b": self.out_dir / "sa1b", "report": self.out_dir / "report.json"}

@@ -47,6 +47,9 @@ IMAGE_LEVEL_NOTE = ("Phrases without masks are image-level labels: each image li
                     "Hard negatives (phrases verified absent) are listed in negative_phrases.")
 
 States = Collection[ItemState] | None
+# What a dataset export holds by default: everything the machine finished. Failed items have no
+# size or masks, and discarded ones a human threw away; both stay visible through the API.
+DATASET_STATES = frozenset({ItemState.ACCEPTED, ItemState.REVIEW, ItemState.REJECTED})
 
 
 @dataclass

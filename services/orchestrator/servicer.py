@@ -74,7 +74,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def Export(self, request, context) -> orchestrator_pb2.ExportResponse:
         if not request.prefix:
             raise InvalidInput("export needs an object-store prefix to write under")
-        keys, summary = exports.export_to_store(self.core.store, request.format, request.prefix)
+        keys, summary = exports.export_to_store(self.core.store, request.format, request.prefix,
+                                                 exports.DATASET_STATES)
         return orchestrator_pb2.ExportResponse(keys=keys, items=summary.items)
 
 
