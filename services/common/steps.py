@@ -17,6 +17,7 @@ in-process (embedded) runner:
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -73,23 +74,26 @@ class StepRequest:
 
 @dataclass
 class StepReport:
-    """A step's result for one item. attempts: how many times it ran (redeliveries included)."""
+    """A step's result for one item. attempts: how many times it ran (retries included).
+    elapsed_s: seconds the last attempt's handler ran (model and storage work, no queueing)."""
 
     item_id: str
     step: str
     outcome: TaskOutcome
     attempts: int = 1
     dead_letter: bool = False
+    elapsed_s: float = 0.0
 
     def to_json(self) -> dict:
         return {"item_id": self.item_id, "step": self.step, "outcome": self.outcome.to_json(),
-                "attempts": self.attempts, "dead_letter": self.dead_letter}
+                "attempts": self.attempts, "dead_letter": self.dead_letter, "elapsed_s": self.elapsed_s}
 
     @classmethod
     def from_json(cls, d) -> "StepReport":
         try:
             return cls(item_id=str(d["item_id"]), step=str(d["step"]), outcome=TaskOutcome.from_json(d["outcome"]),
-                       attempts=int(d.get("attempts", 1)), dead_letter=bool(d.get("dead_letter", False)))
+                       attempts=int(d.get("attempts", 1)), dead_letter=bool(d.get("dead_letter", False)),
+                       elapsed_s=float(d.get("elapsed_s", 0.0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"malformed step report {d!r:.200}: {exc!r}") from None
 
@@ -126,6 +130,7 @@ def register_step_task(app: Celery, service: str, handler_factory: Callable[[], 
         except InvalidInput as exc:  # no item to report to: log it and drop the message
             log.error("malformed step message dropped: %s", exc)
             return TaskOutcome(ok=False, reason=str(exc), code=exc.code.name).to_json()
+        started = time.perf_counter()
         try:
             outcome = run_step(handler_factory(), request)
             dead = False
@@ -134,6 +139,7 @@ def register_step_task(app: Celery, service: str, handler_factory: Callable[[], 
                 raise self.retry(exc=exc, countdown=backoff_s(attempt))
             outcome = TaskOutcome(ok=False, reason=f"{exc} (gave up after {attempt} attempts)", code=exc.code.name)
             dead = True
-        report = StepReport(request.item_id, request.step, outcome, attempts=attempt, dead_letter=dead)
+        report = StepReport(request.item_id, request.step, outcome, attempts=attempt, dead_letter=dead,
+                            elapsed_s=round(time.perf_counter() - started, 6))
         app.send_task(REPORT_TASK, args=[report.to_json()], queue="orchestrator")
         return outcome.to_json()

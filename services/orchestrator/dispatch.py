@@ -60,8 +60,11 @@ class InlineDispatcher:
     def run_one(self, request: StepRequest) -> StepReport:
         handler = self.handlers[request.step]
         for attempt in range(1, self.max_attempts + 1):
+            started = time.perf_counter()
             try:
-                return StepReport(request.item_id, request.step, run_step(handler, request), attempts=attempt)
+                outcome = run_step(handler, request)
+                return StepReport(request.item_id, request.step, outcome, attempts=attempt,
+                                  elapsed_s=round(time.perf_counter() - started, 6))
             except TransientError as exc:
                 if attempt == self.max_attempts:
                     outcome = TaskOutcome(ok=False, reason=f"{exc} (gave up after {attempt} attempts)",

@@ -154,6 +154,7 @@ class Orchestrator:
                 self.index.add_dead_letter({"item_id": item.item_id, "step": report.step,
                                             "reason": report.outcome.reason, "attempts": report.attempts,
                                             "at": now()})
+            item.timings[report.step] = report.elapsed_s
             if not report.outcome.ok:
                 item.fail(f"{report.step}: {report.outcome.reason}")
             else:

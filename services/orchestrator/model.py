@@ -154,6 +154,7 @@ class Item:
     done: the steps whose report has been applied (a redelivered report is ignored).
     grid_masks_key: SA-1B JSON of the class-agnostic automatic masks.
     history: [state name, unix seconds] in order, for provenance and debugging.
+    timings: step name -> seconds its handler ran (model and storage work, without queueing).
     """
 
     item_id: str
@@ -173,6 +174,7 @@ class Item:
     score: float | None = None
     history: list[list] = field(default_factory=list)
     reviewer: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.history:
@@ -202,7 +204,8 @@ class Item:
                 "reason": self.reason, "known_labels": list(self.known_labels), "height": self.height,
                 "width": self.width, "outputs": dict(self.outputs), "done": list(self.done),
                 "phrases": [p.to_json() for p in self.phrases], "grid_masks_key": self.grid_masks_key,
-                "score": self.score, "history": self.history, "reviewer": self.reviewer}
+                "score": self.score, "history": self.history, "reviewer": self.reviewer,
+                "timings": dict(self.timings)}
 
     @classmethod
     def from_json(cls, d: dict) -> "Item":
@@ -214,7 +217,8 @@ class Item:
                        done=list(d.get("done", [])),
                        phrases=[PhraseResult.from_json(p) for p in d.get("phrases", [])],
                        grid_masks_key=d.get("grid_masks_key", ""), score=d.get("score"),
-                       history=list(d.get("history", [])), reviewer=d.get("reviewer", ""))
+                       history=list(d.get("history", [])), reviewer=d.get("reviewer", ""),
+                       timings={str(k): float(v) for k, v in d.get("timings", {}).items()})
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"malformed item manifest {d.get('item_id', '?')!r}: {exc!r}") from None
 

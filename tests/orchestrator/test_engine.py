@@ -15,7 +15,6 @@ from PIL import Image
 from services.common.concepts import HardNegative, NounPhrase, Proposal
 from services.common.errors import DataEngineError, FailedPrecondition, TransientError
 from services.common.settings import Settings
-from services.common.steps import StepReport
 from services.common.verdicts import PairVerdict, Verdict, Verification
 from services.concepts import step as concepts_step
 from services.concepts.core import ConceptsCore
@@ -110,6 +109,7 @@ def test_items_route_by_the_verifier_score(make_engine, images, score, stage, st
     assert result.score == pytest.approx(score)  # min over the positive pairs
     assert sorted(calls) == sorted([EMBED, PROPOSE, DECODE, VERIFY])  # each step once
     item = engine.orchestrator.load(result.item_id)
+    assert set(item.timings) == {EMBED, PROPOSE, DECODE, VERIFY} and item.timings[DECODE] > 0
     assert {p.phrase: p.state for p in item.phrases}["dog"] == state
     assert [h[0] for h in item.history][:1] == ["INGESTED"] and item.history[-1][0] == state.name
 
