@@ -84,13 +84,13 @@ def s3_server() -> Iterator[str]:
         _stop(proc)
 
 
-def start_celery_worker(service: str, env: dict[str, str], log) -> subprocess.Popen:
+def start_celery_worker(service: str, env: dict[str, str], log, loglevel: str = "INFO") -> subprocess.Popen:
     """A Celery worker process for ``service`` (solo pool, queue ``service``), as deployments run
     it; ``log`` is an open binary file for its output. The caller stops it."""
     return subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", f"services.{service}.worker_app", "worker", "-Q", service,
          "-P", "solo", "-c", "1", "-n", f"{service}-{free_port()}@%h", "--without-gossip", "--without-mingle",
-         "-l", "INFO"], env=env, stdout=log, stderr=subprocess.STDOUT)
+         "-l", loglevel], env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def stop_worker(worker: subprocess.Popen, timeout: float = 30) -> int:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import re
 
+from services.common.errors import InvalidInput
+
 _SAFE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 def _part(value: str, what: str) -> str:
     if not value or not _SAFE.match(value) or value in {".", ".."}:
-        raise ValueError(f"{what} must be non-empty [A-Za-z0-9._-], got {value!r}")
+        raise InvalidInput(f"{what} must be non-empty [A-Za-z0-9._-], got {value!r}")
     return value
 
 

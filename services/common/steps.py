@@ -122,7 +122,9 @@ def register_step_task(app: Celery, service: str, handler_factory: Callable[[], 
     handler_factory: gives the step handler (built on first use, so the model loads lazily).
     """
 
-    @app.task(name=f"{service}.step", bind=True, shared=False, max_retries=None)
+    # ignore_result: the report goes to the orchestrator queue; a stored result would be one
+    # more Redis write per step that nobody reads.
+    @app.task(name=f"{service}.step", bind=True, shared=False, max_retries=None, ignore_result=True)
     def step(self, request_json) -> dict:
         attempt = self.request.retries + 1
         try:

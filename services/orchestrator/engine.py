@@ -104,20 +104,22 @@ class Orchestrator:
         if not images:
             raise InvalidInput("no images to submit")
         labels = _labels(known_labels)
-        ids = []
+        stage = Stage.parse(stage)
+        # Check every image before storing any: a refused request ingests nothing.
         for i, image in enumerate(images):
+            if image.data is not None and not image.data:
+                raise InvalidInput(f"image {i} ({image.source or 'inline'}) is empty (0 bytes)")
+            if image.key is not None and not self.store.exists(check_key(image.key)):
+                raise NotFound(f"image {i}: object {image.key!r} not found")
+        ids = []
+        for image in images:
             if image.data is not None:
-                if not image.data:
-                    raise InvalidInput(f"image {i} ({image.source or 'inline'}) is empty (0 bytes)")
                 content_id = keys.sha256_hex(image.data)
                 image_key = keys.image_key(content_id)
                 if not self.store.exists(image_key):
                     self.store.put(image_key, image.data)
             else:
-                image_key = check_key(image.key)
-                if not self.store.exists(image_key):
-                    raise NotFound(f"image {i}: object {image_key!r} not found")
-                content_id = image_key
+                image_key = content_id = check_key(image.key)
             source = image.source or (image.key if image.key else "inline")
             item_id = item_id_for(source, content_id)
             ids.append(item_id)
@@ -127,7 +129,7 @@ class Orchestrator:
             except NotFound:
                 pass
             item = Item(item_id=item_id, source=source, image_key=image_key, image_id=content_id,
-                        stage=Stage.parse(stage), known_labels=labels)
+                        stage=stage, known_labels=labels)
             self.save(item)
             self._dispatch(item)
         return ids

@@ -79,11 +79,26 @@ class MemoryIndex:
         self._meta.clear()
 
 
+# Move an item between the state and stage sets atomically (a script runs alone on the server),
+# so counts never see an item twice, even when two writers put the same item at once.
+_PUT = """
+local id, state, stage, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local old = redis.call('HGET', prefix .. 'meta', id)
+if old then
+  local sep = string.find(old, ':', 1, true)
+  redis.call('SREM', prefix .. 'state:' .. string.sub(old, 1, sep - 1), id)
+  redis.call('SREM', prefix .. 'stage:' .. string.sub(old, sep + 1), id)
+end
+redis.call('HSET', prefix .. 'meta', id, state .. ':' .. stage)
+redis.call('SADD', prefix .. 'state:' .. state, id)
+redis.call('SADD', prefix .. 'stage:' .. stage, id)
+"""
+
+
 class RedisIndex:
     """Sets per state and per stage, a hash of each item's (state, stage), a dead-letter list.
 
-    ``put`` moves an item between sets in one MULTI/EXEC transaction, so counts never see an item
-    twice. ``lock`` is a Redis lock per item: two orchestrator workers applying the embed and the
+    ``put`` moves an item between sets in one server-side script (one round trip, atomic). ``lock`` is a Redis lock per item: two orchestrator workers applying the embed and the
     propose report of one item at once would otherwise lose one of the two updates.
     """
 
@@ -92,6 +107,7 @@ class RedisIndex:
 
         self.redis = redis.Redis.from_url(url, decode_responses=True)
         self.lock_timeout_s = lock_timeout_s
+        self._put = self.redis.register_script(_PUT)
 
     def _call(self, what: str, fn):
         import redis
@@ -102,19 +118,7 @@ class RedisIndex:
             raise TransientError(f"redis index: {what} failed: {exc}") from exc
 
     def put(self, item: Item) -> None:
-        def run():
-            old = self.redis.hget(PREFIX + "meta", item.item_id)
-            pipe = self.redis.pipeline(transaction=True)
-            if old:
-                old_state, old_stage = old.split(":")
-                pipe.srem(PREFIX + "state:" + old_state, item.item_id)
-                pipe.srem(PREFIX + "stage:" + old_stage, item.item_id)
-            pipe.hset(PREFIX + "meta", item.item_id, f"{item.state.name}:{item.stage.name}")
-            pipe.sadd(PREFIX + "state:" + item.state.name, item.item_id)
-            pipe.sadd(PREFIX + "stage:" + item.stage.name, item.item_id)
-            pipe.execute()
-
-        self._call("put", run)
+        self._call("put", lambda: self._put(args=[item.item_id, item.state.name, item.stage.name, PREFIX]))
 
     def ids(self, state: ItemState | None = None, stage: Stage | None = None) -> list[str]:
         keys = ([PREFIX + "state:" + state.name] if state is not None else []) + (

@@ -142,7 +142,7 @@ class PhraseResult:
             raise InvalidInput("a phrase result needs a non-empty phrase")
         return cls(phrase=p.phrase, is_negative=p.is_negative, masks=[MaskRecord.from_proto(m) for m in p.masks],
                    verdicts=[Verdict.from_proto(v) for v in p.verdicts], score=p.score,
-                   provenance=p.provenance, state=ItemState(p.state), grounded=bool(p.masks))
+                   provenance=p.provenance, state=ItemState.parse(p.state), grounded=bool(p.masks))
 
 
 @dataclass

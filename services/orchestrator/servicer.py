@@ -46,7 +46,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     @rpc
     def ListItems(self, request, context) -> orchestrator_pb2.ListItemsResponse:
         state = ItemState.parse(request.state) if request.state else None
-        stage = Stage(request.stage) if request.stage else None
+        stage = Stage.parse(request.stage) if request.stage else None
         items, token = self.core.list_items(state, stage, request.page_size or 100, request.page_token)
         # Listings carry no grid masks (they can be thousands per item): GetItem has them.
         return orchestrator_pb2.ListItemsResponse(items=[i.to_proto() for i in items], next_page_token=token)
@@ -60,7 +60,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
     @rpc
     def NextReview(self, request, context) -> orchestrator_pb2.Item:
-        item = self.core.next_review(request.annotator, Stage(request.stage) if request.stage else None)
+        item = self.core.next_review(request.annotator, Stage.parse(request.stage) if request.stage else None)
         if item is None:
             raise NotFound("no item is waiting for review")
         return self._item(item)

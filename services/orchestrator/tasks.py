@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def register_tasks(app: Celery, core_factory: Callable[[], Orchestrator], max_attempts: int = 5) -> None:
-    @app.task(name=REPORT_TASK, bind=True, shared=False, max_retries=None)
+    @app.task(name=REPORT_TASK, bind=True, shared=False, max_retries=None, ignore_result=True)
     def report(self, report_json) -> dict:
         try:
             item = core_factory().report(StepReport.from_json(report_json))
