@@ -10,7 +10,6 @@ from typing import Callable
 from services.common.grpc_server import build_server, serve_until_signal
 from services.common.logs import setup_logging
 from services.common.queues import SERVICES as QUEUES, create_celery
-from services.common.sam_models import load_from_settings
 from services.common.settings import Settings
 from services.common.steps import StepHandler, register_step_task
 from services.common.storage import open_store
@@ -35,6 +34,7 @@ class ServiceParts:
 
 
 def _embedder() -> ServiceParts:
+    from services.common.sam_models import load_from_settings
     from services.embedder import servicer, step, tasks
     from services.embedder.core import EmbedderCore
 
@@ -47,6 +47,7 @@ def _embedder() -> ServiceParts:
 
 
 def _decoder() -> ServiceParts:
+    from services.common.sam_models import load_from_settings
     from services.decoder import servicer, step, tasks
     from services.decoder.core import DecoderCore
 
