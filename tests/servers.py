@@ -43,6 +43,26 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
+def grpc_loopback(add_services, max_message_bytes: int, client_max_bytes: int | None = None):
+    """A gRPC server on a free loopback port with ``add_services(server)`` registered, and a
+    channel to it. Yields (channel, "127.0.0.1:PORT"). client_max_bytes: the channel's own limit
+    (default: the server's), larger to see how the server answers an oversized request."""
+    import grpc
+
+    from services.common.grpc_server import build_server, channel_options
+
+    server, port = build_server(add_services, "127.0.0.1:0", max_message_bytes, workers=2)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}",
+                                    options=channel_options(client_max_bytes or max_message_bytes))
+    try:
+        yield channel, f"127.0.0.1:{port}"
+    finally:
+        channel.close()
+        server.stop(0).wait()
+
+
+@contextmanager
 def redis_server(workdir: Path) -> Iterator[str]:
     """Yields ``redis://127.0.0.1:PORT/0``; no persistence, 256 databases (one per test that
     needs its own queues), stopped on exit."""

@@ -14,7 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from services.common.grpc_server import channel_options
-from services.common.pb import common_pb2, embedder_pb2, embedder_pb2_grpc
+from services.common.pb import (common_pb2, concepts_pb2, concepts_pb2_grpc, embedder_pb2, embedder_pb2_grpc,
+                                orchestrator_pb2, orchestrator_pb2_grpc, verifier_pb2, verifier_pb2_grpc)
 from services.common.queues import TaskOutcome, create_celery
 from services.common.settings import Settings
 from tests.conftest import S3_KEY, S3_SECRET
@@ -29,18 +30,18 @@ def _png(h=32, w=48) -> bytes:
     return buf.getvalue()
 
 
-def _wait_serving(channel, deadline_s=120):
+def _wait_serving(channel, service="dataengine.v1.Embedder", deadline_s=120):
     stub = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service="dataengine.v1.Embedder"), timeout=2)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
                 return
         except grpc.RpcError:
             pass
         time.sleep(0.2)
-    raise AssertionError("embedder never reported SERVING")
+    raise AssertionError(f"{service} never reported SERVING")
 
 
 def test_serve_embedder_grpc_and_worker_then_sigterm(redis_url, s3_endpoint, tiny_checkpoint, tmp_path):
@@ -79,5 +80,45 @@ def test_serve_embedder_grpc_and_worker_then_sigterm(redis_url, s3_endpoint, tin
         except subprocess.TimeoutExpired:
             proc.kill()
             raise AssertionError("serve did not stop on SIGTERM")
+        log.close()
+    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
+# service -> (its gRPC service name, one call that must work on a fresh server)
+OTHER_SERVICES = {
+    "concepts": ("dataengine.v1.Concepts", lambda ch: concepts_pb2_grpc.ConceptsStub(ch).Propose(
+        concepts_pb2.ProposeRequest(image=common_pb2.ImageRef(data=_png()), known_labels=["dog"]), timeout=30),
+        lambda reply: [p.text for p in reply.phrases] == ["dog"]),
+    "verifier": ("dataengine.v1.Verifier", lambda ch: verifier_pb2_grpc.VerifierStub(ch).Verify(
+        verifier_pb2.VerifyRequest(image=common_pb2.ImageRef(data=_png()),
+                                   pairs=[verifier_pb2.PhraseMasks(phrase="cat", is_negative=True)]), timeout=30),
+        lambda reply: [p.phrase for p in reply.pairs] == ["cat"] and 0 <= reply.pairs[0].score <= 1),
+    "orchestrator": ("dataengine.v1.Orchestrator", lambda ch: orchestrator_pb2_grpc.OrchestratorStub(ch).Submit(
+        orchestrator_pb2.SubmitRequest(images=[common_pb2.ImageRef(data=_png(), filename="a.png")]), timeout=30),
+        lambda reply: len(reply.item_ids) == 1),
+}
+
+
+@pytest.mark.parametrize("service", sorted(OTHER_SERVICES))
+def test_serve_every_other_service_then_sigterm(service, broker, tmp_path):
+    name, call, check = OTHER_SERVICES[service]
+    port = free_port()
+    env = {**os.environ, "DATAENGINE_STORE": "local", "DATAENGINE_STORE_ROOT": str(tmp_path / "store"),
+           "DATAENGINE_BROKER_URL": broker, f"DATAENGINE_{service.upper()}_PORT": str(port),
+           "DATAENGINE_HOST": "127.0.0.1", "DATAENGINE_SHUTDOWN_GRACE_S": "2"}
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", service], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options(64 << 20))
+        _wait_serving(channel, name)
+        assert check(call(channel))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"serve {service} did not stop on SIGTERM")
         log.close()
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]

@@ -15,7 +15,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.concepts import HardNegative, NounPhrase, Proposal
 from services.common.errors import InvalidInput, NotFound
-from services.common.grpc_server import build_server, channel_options
 from services.common.keys import step_key
 from services.common.pb import common_pb2, concepts_pb2, concepts_pb2_grpc
 from services.common.settings import Settings
@@ -24,6 +23,7 @@ from services.concepts.core import ConceptsCore, LabelsBackend, make_backend
 from services.concepts.servicer import SERVICE_NAME, add_to_server
 from services.concepts.step import make_handler
 from tests.common.image_cases import BAD_IMAGES, png
+from tests.servers import grpc_loopback
 
 MAX_MESSAGE = 4 << 20
 
@@ -185,14 +185,8 @@ def test_core_from_settings(tmp_path):
 
 @pytest.fixture
 def stub(core):
-    server, port = build_server(lambda s: add_to_server(s, core), "127.0.0.1:0", MAX_MESSAGE, workers=2)
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options(MAX_MESSAGE))
-    try:
+    with grpc_loopback(lambda s: add_to_server(s, core), MAX_MESSAGE) as (channel, _):
         yield concepts_pb2_grpc.ConceptsStub(channel), channel
-    finally:
-        channel.close()
-        server.stop(0).wait()
 
 
 def test_propose_over_grpc(stub, local_store):

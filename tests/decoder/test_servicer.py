@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.grpc_server import build_server, channel_options
 from services.common.masks import MaskRecord
 from services.common.pb import common_pb2, decoder_pb2, decoder_pb2_grpc
 from services.common.sam_models import load_sam
@@ -20,6 +19,7 @@ from services.decoder import amg, servicer
 from services.decoder.core import DecoderCore
 from services.decoder.params import AmgParams
 from tests.decoder.builders import blob_image, embed, put
+from tests.servers import grpc_loopback
 
 H, W = 96, 128
 LIMIT = 1 << 20  # server's message limit in this test: 1 MiB
@@ -41,14 +41,10 @@ def env(tiny_checkpoint, tmp_path_factory):
             "crop": put(store, embed(sam, pixels, "img1", crop_box=(32, 16, 96, 64))),
             "missing_logits": f"logits/{sam.model_id}/img1/{'0' * 32}.npy"}
     core = DecoderCore(sam, store, cache_size=8)
-    server, port = build_server(lambda s: servicer.add_to_server(s, core), "127.0.0.1:0", LIMIT)
-    server.start()
     # The client may send more than the server accepts, to see the server's limit answer.
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options(8 * LIMIT))
-    yield {"stub": decoder_pb2_grpc.DecoderStub(channel), "channel": channel, "keys": keys, "store": store,
-           "model_id": sam.model_id, "sam": sam, "pixels": pixels, "full": full}
-    channel.close()
-    server.stop(0).wait()
+    with grpc_loopback(lambda s: servicer.add_to_server(s, core), LIMIT, client_max_bytes=8 * LIMIT) as (channel, _):
+        yield {"stub": decoder_pb2_grpc.DecoderStub(channel), "channel": channel, "keys": keys, "store": store,
+               "model_id": sam.model_id, "sam": sam, "pixels": pixels, "full": full}
     core.close()
 
 

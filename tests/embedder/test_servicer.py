@@ -11,11 +11,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.common import keys
 from services.common.embedding import StoredEmbedding
-from services.common.grpc_server import build_server, channel_options
 from services.common.pb import common_pb2, embedder_pb2, embedder_pb2_grpc
 from services.embedder.core import EmbedderCore
 from services.embedder.servicer import SERVICE_NAME, add_to_server
 from tests.common.image_cases import BAD_IMAGES, png
+from tests.servers import grpc_loopback
 
 MAX_MESSAGE = 16 << 20
 
@@ -28,14 +28,8 @@ def store(request):
 @pytest.fixture
 def channel(tiny_sam, store):
     core = EmbedderCore(tiny_sam, store, batch_size=2, max_pixels=100_000)
-    server, port = build_server(lambda s: add_to_server(s, core), "127.0.0.1:0", MAX_MESSAGE, workers=2)
-    server.start()
-    chan = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options(MAX_MESSAGE))
-    try:
+    with grpc_loopback(lambda s: add_to_server(s, core), MAX_MESSAGE) as (chan, _):
         yield chan
-    finally:
-        chan.close()
-        server.stop(0).wait()
 
 
 def _embed(channel, *refs, **kw) -> embedder_pb2.EmbedResponse:

@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 from services.cli import app as cli_app
 from services.common.errors import TransientError
-from services.common.grpc_server import build_server, channel_options
 from services.common.keys import sha256_hex
 from services.common.masks import MaskRecord, encode_rle
 from services.common.pb import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
@@ -30,7 +29,7 @@ from services.orchestrator.servicer import add_to_server
 from services.verifier import step as verifier_step
 from services.verifier.core import VerifierCore
 from tests.orchestrator.test_engine import GRID, ScriptedVerifier
-from tests.servers import free_port
+from tests.servers import free_port, grpc_loopback
 
 MAX_MESSAGE = 8 << 20
 S, G = ItemState, Stage
@@ -63,15 +62,8 @@ def engine(tmp_path, tiny_sam) -> EmbeddedEngine:
 @pytest.fixture
 def server(engine):
     """(stub, "127.0.0.1:PORT") of the Orchestrator service on the engine's orchestrator."""
-    grpc_server, port = build_server(lambda s: add_to_server(s, engine.orchestrator), "127.0.0.1:0",
-                                     MAX_MESSAGE, workers=2)
-    grpc_server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options(MAX_MESSAGE))
-    try:
-        yield orchestrator_pb2_grpc.OrchestratorStub(channel), f"127.0.0.1:{port}"
-    finally:
-        channel.close()
-        grpc_server.stop(0).wait()
+    with grpc_loopback(lambda s: add_to_server(s, engine.orchestrator), MAX_MESSAGE) as (channel, address):
+        yield orchestrator_pb2_grpc.OrchestratorStub(channel), address
 
 
 @pytest.fixture

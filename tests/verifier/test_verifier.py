@@ -15,7 +15,6 @@ import pytest
 from services.common.concepts import HardNegative, NounPhrase, Proposal
 from services.common.decoded import DecodeOutput, GroundedPhrase
 from services.common.errors import InvalidInput, NotFound
-from services.common.grpc_server import build_server, channel_options
 from services.common.keys import step_key
 from services.common.masks import MaskRecord, encode_rle, sa1b_document
 from services.common.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
@@ -26,6 +25,7 @@ from services.verifier.core import HeuristicVerifier, PhrasePair, VerifierCore, 
 from services.verifier.servicer import add_to_server
 from services.verifier.step import make_handler
 from tests.common.image_cases import png
+from tests.servers import grpc_loopback
 
 MAX_MESSAGE = 4 << 20
 
@@ -167,14 +167,8 @@ def test_core_from_settings(tmp_path):
 
 @pytest.fixture
 def stub(core):
-    server, port = build_server(lambda s: add_to_server(s, core), "127.0.0.1:0", MAX_MESSAGE, workers=2)
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options(MAX_MESSAGE))
-    try:
+    with grpc_loopback(lambda s: add_to_server(s, core), MAX_MESSAGE) as (channel, _):
         yield verifier_pb2_grpc.VerifierStub(channel)
-    finally:
-        channel.close()
-        server.stop(0).wait()
 
 
 def _pm(phrase: str, masks=(), is_negative=False) -> verifier_pb2.PhraseMasks:
