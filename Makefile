@@ -25,3 +25,4 @@ bench:
 	$(PY) bench/bench_amg.py
 	$(PY) bench/bench_embed.py
 	$(PY) bench/bench_predict.py
+	$(PY) bench/bench_pipeline.py
