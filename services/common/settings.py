@@ -52,6 +52,21 @@ class Settings(BaseSettings):
     concepts_backend: str = "labels"  # "labels": the item's known labels (offline)
     verifier_backend: str = "heuristic"  # "heuristic": SAM's predicted IoU x stability (offline)
 
+    # Model backends of the concepts and verifier services
+    concepts_model_dir: Path | None = None  # transformers: a local model directory (from_pretrained)
+    concepts_endpoint: str = ""  # openai: base URL of an OpenAI-compatible API, e.g. http://vllm:8000/v1
+    concepts_model: str = ""  # openai: the model name the endpoint serves
+    concepts_max_positives: int = Field(20, ge=1)  # default caps of a proposal
+    concepts_max_negatives: int = Field(20, ge=0)
+    verifier_model_dir: Path | None = None
+    verifier_endpoint: str = ""
+    verifier_model: str = ""
+    verifier_calibration: Path | None = None  # JSON written by `dataengine calibrate`
+    mllm_api_key: str = ""  # bearer token for the endpoints ("" sends none)
+    mllm_timeout_s: float = Field(60.0, gt=0)  # per request to an endpoint or per local generation
+    mllm_max_retries: int = Field(2, ge=0)  # endpoint retries on timeouts, 429 and 5xx
+    mllm_max_new_tokens: int = Field(512, ge=1)
+
     # Input limits
     max_image_pixels: int = Field(89_478_485, ge=1)  # Pillow's decompression-bomb limit
     max_message_bytes: int = Field(64 * MiB, ge=1 * MiB)  # gRPC send/receive limit

@@ -55,15 +55,18 @@ class LabelsBackend:
         return Proposal(phrases=[NounPhrase(text=label, score=1.0, source=self.name) for label in labels])
 
 
-BACKENDS: dict[str, Callable[[], ConceptBackend]] = {"labels": LabelsBackend}
+# name -> factory(settings). Model backends import their heavy libraries inside the factory, so
+# a service that never uses them never loads them.
+BACKENDS: dict[str, Callable[[Settings], ConceptBackend]] = {"labels": lambda settings: LabelsBackend()}
 
 
-def make_backend(name: str) -> ConceptBackend:
-    """The backend registered as ``name``; ``InvalidInput`` lists the known ones."""
+def make_backend(name: str, settings: Settings | None = None) -> ConceptBackend:
+    """The backend registered as ``name``, configured by ``settings`` (default: the environment's);
+    ``InvalidInput`` lists the known ones."""
     factory = BACKENDS.get(name)
     if factory is None:
         raise InvalidInput(f"unknown concepts backend {name!r}; one of {', '.join(sorted(BACKENDS))}")
-    return factory()
+    return factory(settings if settings is not None else Settings())
 
 
 def clean_labels(known_labels: Sequence[str]) -> list[str]:
@@ -93,8 +96,9 @@ class ConceptsCore:
     """
 
     def __init__(self, backend: ConceptBackend | str = "labels", store: ObjectStore | None = None,
-                 max_pixels: int = 89_478_485) -> None:
-        default = make_backend(backend) if isinstance(backend, str) else backend
+                 max_pixels: int = 89_478_485, settings: Settings | None = None) -> None:
+        self.settings = settings if settings is not None else Settings()
+        default = make_backend(backend, self.settings) if isinstance(backend, str) else backend
         self.backend = default
         self.store = store
         self.max_pixels = max_pixels
@@ -106,7 +110,7 @@ class ConceptsCore:
     def from_settings(cls, settings: Settings, store: ObjectStore | None = None) -> "ConceptsCore":
         """The core the settings describe (``concepts_backend``), over ``store`` or the settings' store."""
         return cls(settings.concepts_backend, store if store is not None else open_store(settings),
-                   settings.max_image_pixels)
+                   settings.max_image_pixels, settings)
 
     def backend_named(self, name: str = "") -> ConceptBackend:
         """The backend ``name`` ("" is the default one)."""
@@ -114,7 +118,7 @@ class ConceptsCore:
             return self.backend
         with self._lock:
             if name not in self._backends:
-                self._backends[name] = make_backend(name)
+                self._backends[name] = make_backend(name, self.settings)
             return self._backends[name]
 
     def propose(self, image: ImageSource | bytes | str, known_labels: Sequence[str] = (), max_positives: int = 0,

@@ -67,8 +67,8 @@ class EmbeddedEngine:
         sam = sam if sam is not None else load_from_settings(settings)
         embedder = EmbedderCore(sam, self.store, settings.embed_batch_size, settings.max_image_pixels)
         decoder = DecoderCore(sam, self.store, settings.embedding_cache_size)
-        concepts = ConceptsCore(settings.concepts_backend, self.store, settings.max_image_pixels)
-        verifier = VerifierCore(settings.verifier_backend, self.store, settings.max_image_pixels)
+        concepts = ConceptsCore.from_settings(settings, self.store)
+        verifier = VerifierCore.from_settings(settings, self.store)
         handlers = {EMBED: embedder_step.make_handler(embedder),
                     PROPOSE: concepts_step.make_handler(concepts, self.store),
                     DECODE: decoder_step.make_handler(decoder, self.store),

@@ -128,15 +128,17 @@ def _choice(score: float) -> str:
     return "accept" if score >= ACCEPT_AT else "reject"
 
 
-BACKENDS: dict[str, Callable[[], VerifierBackend]] = {"heuristic": HeuristicVerifier}
+# name -> factory(settings). Model backends import their heavy libraries inside the factory.
+BACKENDS: dict[str, Callable[[Settings], VerifierBackend]] = {"heuristic": lambda settings: HeuristicVerifier()}
 
 
-def make_backend(name: str) -> VerifierBackend:
-    """The backend registered as ``name``; ``InvalidInput`` lists the known ones."""
+def make_backend(name: str, settings: Settings | None = None) -> VerifierBackend:
+    """The backend registered as ``name``, configured by ``settings`` (default: the environment's);
+    ``InvalidInput`` lists the known ones."""
     factory = BACKENDS.get(name)
     if factory is None:
         raise InvalidInput(f"unknown verifier backend {name!r}; one of {', '.join(sorted(BACKENDS))}")
-    return factory()
+    return factory(settings if settings is not None else Settings())
 
 
 def check_pairs(pairs: Sequence[PhrasePair | tuple], grid_masks: Sequence[MaskRecord]) -> list[PhrasePair]:
@@ -178,8 +180,8 @@ class VerifierCore:
     """
 
     def __init__(self, backend: VerifierBackend | str = "heuristic", store: ObjectStore | None = None,
-                 max_pixels: int = 89_478_485) -> None:
-        self.backend = make_backend(backend) if isinstance(backend, str) else backend
+                 max_pixels: int = 89_478_485, settings: Settings | None = None) -> None:
+        self.backend = make_backend(backend, settings) if isinstance(backend, str) else backend
         self.store = store
         self.max_pixels = max_pixels
 
@@ -187,7 +189,7 @@ class VerifierCore:
     def from_settings(cls, settings: Settings, store: ObjectStore | None = None) -> "VerifierCore":
         """The core the settings describe (``verifier_backend``), over ``store`` or the settings' store."""
         return cls(settings.verifier_backend, store if store is not None else open_store(settings),
-                   settings.max_image_pixels)
+                   settings.max_image_pixels, settings)
 
     def verify(self, pairs: Sequence[PhrasePair | tuple], grid_masks: Sequence[MaskRecord] = (),
                checks: Sequence[str] = (), image: ImageSource | bytes | str | None = None) -> Verification:
