@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from services.common.errors import InvalidInput
 from services.common.pb import common_pb2
 
 
@@ -16,13 +17,63 @@ def encode_rle(mask: np.ndarray) -> dict:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
+def rle_counts(counts: str) -> list[int]:
+    """The run lengths of COCO's compressed RLE string (pycocotools' ``rleFrString``).
+
+    pycocotools decodes without checking the runs, so a string that ends mid-number or whose runs
+    do not tile the mask gives garbage; this reads them so ``decode_rle`` can check first.
+    """
+    runs: list[int] = []
+    p, n = 0, len(counts)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n:
+                raise InvalidInput("the counts string ends inside a run")
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                raise InvalidInput(f"character {counts[p]!r} is not an RLE digit")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
 def decode_rle(rle: dict) -> np.ndarray:
-    """COCO RLE (compressed or not) -> HxW bool mask."""
-    if isinstance(rle.get("counts"), list):
-        rle = mask_utils.frPyObjects(rle, *rle["size"])
-    elif isinstance(rle.get("counts"), str):
-        rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-    return mask_utils.decode(rle).astype(bool)
+    """COCO RLE (compressed or not) -> HxW bool mask.
+
+    ``InvalidInput`` when the size is not two non-negative integers, or the runs are negative or do
+    not add up to H*W (pycocotools would return uninitialised memory for those).
+    """
+    if not isinstance(rle, dict):
+        raise InvalidInput(f"an RLE must be a mapping with size and counts, got {type(rle).__name__}")
+    size, counts = rle.get("size"), rle.get("counts")
+    if (not isinstance(size, (list, tuple)) or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in size)):
+        raise InvalidInput(f"RLE size must be [H, W] with non-negative integers, got {size!r:.100}")
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii", errors="replace")
+    if isinstance(counts, str):
+        runs = rle_counts(counts)
+    elif isinstance(counts, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+        runs = list(counts)
+    else:
+        raise InvalidInput(f"counts must be a string or a list of ints, got {type(counts).__name__}")
+    h, w = int(size[0]), int(size[1])
+    if any(r < 0 for r in runs) or sum(runs) != h * w:
+        raise InvalidInput(f"its runs cover {sum(runs)} pixels (some negative)" if any(r < 0 for r in runs)
+                           else f"its runs cover {sum(runs)} pixels, not {h}x{w} = {h * w}")
+    if isinstance(counts, str):
+        coded = {"size": [h, w], "counts": counts.encode("ascii")}
+    else:
+        coded = mask_utils.frPyObjects({"size": [h, w], "counts": runs}, h, w)
+    return mask_utils.decode(coded).astype(bool)
 
 
 @dataclass

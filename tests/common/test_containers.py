@@ -1,12 +1,14 @@
 """Typed containers round-trip through proto and bytes; keys are deterministic and safe."""
 
+import re
+
 import numpy as np
 import pytest
 
 from services.common import keys
 from services.common.embedding import StoredEmbedding
-from services.common.errors import FailedPrecondition
-from services.common.masks import MaskRecord, decode_rle, encode_rle
+from services.common.errors import FailedPrecondition, InvalidInput
+from services.common.masks import MaskRecord, decode_rle, encode_rle, rle_counts
 from services.common.settings import Settings
 
 
@@ -21,6 +23,33 @@ def test_rle_round_trip_matches_pycocotools_layout():
     rle = encode_rle(m)
     assert rle["size"] == [7, 5] and isinstance(rle["counts"], str)
     assert np.array_equal(decode_rle(rle), m)
+
+
+def test_rle_counts_read_pycocotools_strings_and_uncompressed_counts_decode_alike():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        h, w = (int(v) for v in rng.integers(1, 60, size=2))
+        m = rng.random((h, w)) < rng.random()
+        rle = encode_rle(m)
+        runs = rle_counts(rle["counts"])
+        assert sum(runs) == h * w
+        assert np.array_equal(decode_rle({"size": [h, w], "counts": runs}), m)
+        assert np.array_equal(decode_rle({"size": [h, w], "counts": rle["counts"].encode()}), m)
+
+
+@pytest.mark.parametrize("rle, phrase", [
+    ({"size": [4, 5], "counts": "0"}, "runs cover 0 pixels, not 4x5 = 20"),  # pycocotools: garbage
+    ({"size": [2, 2], "counts": [3, 4]}, "runs cover 7 pixels"),
+    ({"size": [4, 5], "counts": [-1, 21]}, "some negative"),
+    ({"size": [4, 5], "counts": "o"}, "ends inside a run"),
+    ({"size": [4, 5], "counts": "\x01"}, "not an RLE digit"),
+    ({"size": [4], "counts": "0"}, "size must be [H, W]"),
+    ({"size": [4, 5], "counts": 20}, "counts must be a string or a list of ints"),
+    ("not a mapping", "must be a mapping"),
+])
+def test_decode_rle_refuses_runs_that_do_not_tile_the_mask(rle, phrase):
+    with pytest.raises(InvalidInput, match=re.escape(phrase)):
+        decode_rle(rle)
 
 
 def test_mask_record_proto_and_json_round_trip():
