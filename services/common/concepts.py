@@ -16,7 +16,8 @@ from services.common.errors import InvalidInput
 from services.common.pb import common_pb2, concepts_pb2
 
 # HardNegative.reason values the proto documents; other backends may add their own.
-HARD_NEGATIVE_REASONS = ("ontology_sibling", "ontology_cousin", "attribute_swap", "model")
+HARD_NEGATIVE_REASONS = (
+    "ontology_sibling", "ontology_cousin", "ontology_uncle", "attribute_swap", "model")
 
 
 def _text(value: Any, what: str) -> str:

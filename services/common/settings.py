@@ -49,8 +49,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(5, ge=1)  # a step failing this often with storage trouble: dead letter
     # AmgParams fields for the pipeline's grid masks, as JSON: '{"points_per_side": 16}'; {} = official defaults
     amg_params: dict[str, float | int] = Field(default_factory=dict)
-    concepts_backend: str = "labels"  # "labels": the item's known labels (offline)
-    verifier_backend: str = "heuristic"  # "heuristic": SAM's predicted IoU x stability (offline)
+    # "ontology" (offline): known labels + taxonomy hard negatives; "labels"; "openai"; "transformers"
+    concepts_backend: str = "ontology"
+    # "heuristic" (offline): SAM's signals x mask geometry; "openai"; "transformers"
+    verifier_backend: str = "heuristic"
 
     # Model backends of the concepts and verifier services
     concepts_model_dir: Path | None = None  # transformers: a local model directory (from_pretrained)
@@ -58,14 +60,15 @@ class Settings(BaseSettings):
     concepts_model: str = ""  # openai: the model name the endpoint serves
     concepts_max_positives: int = Field(20, ge=1)  # default caps of a proposal
     concepts_max_negatives: int = Field(20, ge=0)
+    concepts_taxonomy: Path | None = None  # ontology: a taxonomy JSON; None: the shipped one
     verifier_model_dir: Path | None = None
     verifier_endpoint: str = ""
     verifier_model: str = ""
     verifier_calibration: Path | None = None  # JSON written by `dataengine calibrate`
-    mllm_api_key: str = ""  # bearer token for the endpoints ("" sends none)
+    mllm_api_key: str = ""  # bearer token for the endpoints ("": sends "EMPTY", as vLLM expects)
     mllm_timeout_s: float = Field(60.0, gt=0)  # per request to an endpoint or per local generation
     mllm_max_retries: int = Field(2, ge=0)  # endpoint retries on timeouts, 429 and 5xx
-    mllm_max_new_tokens: int = Field(512, ge=1)
+    mllm_max_new_tokens: int = Field(1536, ge=1)  # a 40-phrase JSON answer is ~1,000 tokens
 
     # Input limits
     max_image_pixels: int = Field(89_478_485, ge=1)  # Pillow's decompression-bomb limit

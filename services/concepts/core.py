@@ -18,6 +18,7 @@ from services.common.errors import FailedPrecondition, InvalidInput, NotFound
 from services.common.images import decode_image
 from services.common.settings import Settings
 from services.common.storage import ObjectStore, open_store
+from services.concepts.phrases import clean_labels, clean_proposal
 from services.embedder.types import ImageSource
 
 
@@ -34,7 +35,7 @@ class ConceptBackend(Protocol):
     def propose(self, pixels: np.ndarray | None, known_labels: Sequence[str], max_positives: int,
                 max_negatives: int) -> Proposal:
         """pixels: HxWx3 uint8 RGB, or None when ``needs_pixels`` is False.
-        known_labels: stripped, non-empty, unique case-insensitively, in the caller's order.
+        known_labels: clean phrases (``phrases.clean_phrase``), unique, in the caller's order.
         max_positives, max_negatives: caps on the proposal's lengths; 0 is the backend's default.
         """
         ...
@@ -57,7 +58,27 @@ class LabelsBackend:
 
 # name -> factory(settings). Model backends import their heavy libraries inside the factory, so
 # a service that never uses them never loads them.
-BACKENDS: dict[str, Callable[[Settings], ConceptBackend]] = {"labels": lambda settings: LabelsBackend()}
+def _ontology(settings: Settings) -> ConceptBackend:
+    from services.concepts.ontology import OntologyBackend
+
+    return OntologyBackend.from_settings(settings)
+
+
+def _openai(settings: Settings) -> ConceptBackend:
+    from services.concepts.model_backends import OpenAIConcepts
+
+    return OpenAIConcepts.from_settings(settings)
+
+
+def _transformers(settings: Settings) -> ConceptBackend:
+    from services.concepts.model_backends import TransformersConcepts
+
+    return TransformersConcepts.from_settings(settings)
+
+
+BACKENDS: dict[str, Callable[[Settings], ConceptBackend]] = {
+    "labels": lambda settings: LabelsBackend(), "ontology": _ontology, "openai": _openai,
+    "transformers": _transformers}
 
 
 def make_backend(name: str, settings: Settings | None = None) -> ConceptBackend:
@@ -67,24 +88,6 @@ def make_backend(name: str, settings: Settings | None = None) -> ConceptBackend:
     if factory is None:
         raise InvalidInput(f"unknown concepts backend {name!r}; one of {', '.join(sorted(BACKENDS))}")
     return factory(settings if settings is not None else Settings())
-
-
-def clean_labels(known_labels: Sequence[str]) -> list[str]:
-    """Strip each label and drop case-insensitive repeats (the first spelling wins, order kept).
-
-    An empty or non-text label is ``InvalidInput``: it is a caller's mistake, not a phrase.
-    """
-    if isinstance(known_labels, (str, bytes)):
-        raise InvalidInput("known_labels must be a list of phrases, not one string")
-    labels, seen = [], set()
-    for i, label in enumerate(known_labels):
-        if not isinstance(label, str) or not label.strip():
-            raise InvalidInput(f"known label {i} is empty or not text: {label!r:.100}")
-        text = label.strip()
-        if text.casefold() not in seen:
-            seen.add(text.casefold())
-            labels.append(text)
-    return labels
 
 
 class ConceptsCore:
@@ -126,15 +129,21 @@ class ConceptsCore:
         """Propose concepts for ``image`` (encoded bytes, an object key or an ``ImageSource``).
 
         The image is decoded only if the backend reads pixels; an object key is always checked
-        to exist (``NotFound``), so a typo fails here and not two stages later.
+        to exist (``NotFound``), so a typo fails here and not two stages later. Known labels are
+        cleaned before the backend sees them, and every backend's proposal after (``phrases``):
+        lower-case, singular, no possessives or repeats, no phrase both positive and negative.
+        max_positives, max_negatives: caps, 0 for the settings' ``concepts_max_positives`` and
+        ``concepts_max_negatives``. An empty label list is a valid request.
         """
         for name, value in (("max_positives", max_positives), ("max_negatives", max_negatives)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidInput(f"{name} must be an integer >= 0 (0: the backend's default), got {value!r}")
+                raise InvalidInput(f"{name} must be an integer >= 0 (0: the configured default), got {value!r}")
         labels = clean_labels(known_labels)
         chosen = self.backend_named(backend)
         pixels = self._read(ImageSource.of(image), chosen.needs_pixels)
-        return chosen.propose(pixels, labels, max_positives, max_negatives)
+        positives = max_positives or self.settings.concepts_max_positives
+        negatives = max_negatives or self.settings.concepts_max_negatives
+        return clean_proposal(chosen.propose(pixels, labels, positives, negatives), positives, negatives)
 
     def _read(self, source: ImageSource, decode: bool) -> np.ndarray | None:
         name = source.describe(0)

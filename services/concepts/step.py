@@ -1,6 +1,7 @@
 """The pipeline step ``propose``: an item's image and known labels to its stored ``Proposal``.
 
-Inputs: ``image_key`` (str), ``source`` (optional, names the image in errors), ``known_labels`` (list of str, may be empty or absent).
+Inputs: ``image_key`` (str), ``source`` (optional, names the image in errors), ``known_labels``
+(list of str, may be empty or absent).
 Writes the Proposal JSON to ``step_key(item_id, "propose")`` (re-running overwrites it).
 Outputs: ``concepts_key``, ``phrases`` and ``hard_negatives`` (how many of each).
 """

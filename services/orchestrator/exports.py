@@ -44,7 +44,8 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _COMPACT = {"separators": (",", ":")}
 IMAGE_LEVEL_NOTE = ("Phrases without masks are image-level labels: each image lists them in "
                     "image_level_labels (they are categories too) but they have no annotations. "
-                    "Hard negatives (phrases verified absent) are listed in negative_phrases.")
+                    "Hard negatives proposed for the image are listed in negative_phrases (the SA-Co export "
+                    "carries the verifier's state of each).")
 
 States = Collection[ItemState] | None
 # What a dataset export holds by default: everything the machine finished. Failed items have no

@@ -112,14 +112,14 @@ def core(local_store) -> ConceptsCore:
 
 def test_labels_backend_proposes_the_cleaned_known_labels_in_order(core):
     proposal = core.propose(png(), ["  red car", "Wheel", "red CAR ", "wheel", "sky"])
-    assert [p.text for p in proposal.phrases] == ["red car", "Wheel", "sky"]  # first spelling wins
+    assert [p.text for p in proposal.phrases] == ["red car", "wheel", "sky"]  # cleaned; the first occurrence wins
     assert all(p.score == 1.0 and p.source == "labels" and not p.grounded for p in proposal.phrases)
     assert proposal.hard_negatives == []
     assert core.propose(png(), []) == Proposal()  # no labels: nothing to propose, not an error
 
 
 def test_max_positives_caps_the_proposal(core):
-    assert [p.text for p in core.propose(png(), ["a", "b", "c"], max_positives=2).phrases] == ["a", "b"]
+    assert [p.text for p in core.propose(png(), ["cat", "dog", "cow"], max_positives=2).phrases] == ["cat", "dog"]
 
 
 # (labels, keyword arguments) -> a phrase the error must contain
@@ -176,7 +176,7 @@ def test_a_pixel_backend_rejects_bad_images_clearly(local_store, name):
 
 def test_core_from_settings(tmp_path):
     core = ConceptsCore.from_settings(Settings(store="local", store_root=tmp_path / "s"))
-    assert core.backend.name == "labels" and core.store is not None
+    assert core.backend.name == "ontology" and core.store is not None
     with pytest.raises(InvalidInput, match="unknown concepts backend 'nope'"):
         ConceptsCore.from_settings(Settings(store="local", store_root=tmp_path / "s", concepts_backend="nope"))
 

@@ -49,12 +49,17 @@ def test_run_writes_the_exports_and_a_report_of_every_file(folder, tmp_path, tin
     coco = COCO(str(out / "coco.json"))
     assert sorted(i["file_name"] for i in coco.loadImgs(coco.getImgIds())) == ["a.png", "sub/b.jpg", "sub/gray.png"]
     assert all(i["image_level_labels"] == ["dog"] for i in coco.loadImgs(coco.getImgIds()))
+    # the default concepts backend (ontology) contrasts "dog" with its relatives, never itself or a parent
+    negatives = {n for i in coco.loadImgs(coco.getImgIds()) for n in i["negative_phrases"]}
+    assert {"wolf", "cat"} <= negatives and not negatives & {"dog", "animal", "mammal", "canine"}
     assert sorted(p.name for p in (out / "sa1b").iterdir()) == ["a.json", "b.json", "gray.json"]
     gray = json.loads((out / "sa1b" / "gray.json").read_text())
     assert (gray["image"]["height"], gray["image"]["width"]) == (20, 24)
     saco = json.loads((out / "saco.json").read_text())
-    assert sorted(p["image"]["source"] for p in saco["pairs"]) == ["a.png", "sub/b.jpg", "sub/gray.png"]
-    assert all(p["phrase"] == "dog" and p["grounded"] is False for p in saco["pairs"])
+    positives = [p for p in saco["pairs"] if not p["is_negative"]]
+    assert sorted(p["image"]["source"] for p in positives) == ["a.png", "sub/b.jpg", "sub/gray.png"]
+    assert all(p["phrase"] == "dog" and p["grounded"] is False for p in positives)
+    assert {p["phrase"] for p in saco["pairs"] if p["is_negative"]} == negatives
 
     # again on the same OUT: nothing is redone, the report is the same
     manifests = {p: p.stat().st_mtime_ns for p in (out / ".dataengine" / "items").rglob("*.json")}

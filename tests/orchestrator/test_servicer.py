@@ -52,7 +52,9 @@ def inline(data: bytes, filename: str = "") -> common_pb2.ImageRef:
 
 @pytest.fixture
 def engine(tmp_path, tiny_sam) -> EmbeddedEngine:
-    engine = EmbeddedEngine(Settings(model_type="tiny", amg_params=GRID), tmp_path / "out", sam=tiny_sam)
+    # the labels backend: the scripted verifier scores known phrases only
+    engine = EmbeddedEngine(Settings(model_type="tiny", amg_params=GRID, concepts_backend="labels"), tmp_path / "out",
+                            sam=tiny_sam)
     engine.dispatcher.sleep = lambda s: None  # retry backoff without waiting
     engine.dispatcher.handlers[VERIFY] = verifier_step.make_handler(
         VerifierCore(ScriptedVerifier(SCORES), engine.store), engine.store)

@@ -1,0 +1,57 @@
+"""The ``concepts`` command: one image's proposal (noun phrases and hard negatives) as JSON on stdout.
+
+Thin: it reads the file, calls the same ``ConceptsCore.propose`` the service runs, and prints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from services.cli_common import fail, settings as make_settings
+from services.common.errors import DataEngineError, InvalidInput, NotFound
+
+LABEL_HELP = ("A noun phrase known to be in the image (repeat for more); the offline backends propose "
+              "these and the ontology contrasts them with hard negatives.")
+
+
+def concepts(
+    image: Path = typer.Argument(..., help="An image file."),
+    label: list[str] = typer.Option([], "--label", "--labels", help=LABEL_HELP),
+    backend: Optional[str] = typer.Option(
+        None, "--backend", help="labels, ontology, openai or transformers (default: DATAENGINE_CONCEPTS_BACKEND)."),
+    max_positives: int = typer.Option(0, "--max-positives", min=0,
+                                      help="Most noun phrases (0: DATAENGINE_CONCEPTS_MAX_POSITIVES)."),
+    max_negatives: int = typer.Option(0, "--max-negatives", min=0,
+                                      help="Most hard negatives (0: DATAENGINE_CONCEPTS_MAX_NEGATIVES)."),
+) -> None:
+    """Propose noun phrases and hard negatives for IMAGE; prints the proposal as JSON.
+
+    Exit status 2 for bad input (a missing or unreadable image, an empty label, an unknown
+    backend), 1 when the backend fails (a model that times out).
+    """
+    from services.concepts.core import ConceptsCore
+    from services.embedder.types import ImageSource
+
+    if not image.is_file():
+        fail(f"{image} does not exist or is not a file")
+    settings = make_settings()
+    try:
+        source = ImageSource(data=image.read_bytes(), filename=str(image))  # errors name the file
+    except OSError as exc:
+        fail(f"cannot read {image}: {exc.strerror or exc}")
+    try:
+        core = ConceptsCore(backend or settings.concepts_backend, None, settings.max_image_pixels, settings)
+        proposal = core.propose(source, label, max_positives, max_negatives)
+    except (InvalidInput, NotFound) as exc:
+        fail(str(exc))
+    except DataEngineError as exc:
+        fail(str(exc), code=1)
+    typer.echo(json.dumps(proposal.to_json(), indent=2))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(concepts)
