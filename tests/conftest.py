@@ -11,6 +11,7 @@ import pytest
 from services.common.sam_models import LoadedSam, load_sam, save_random_checkpoint
 from services.common.settings import Settings
 from services.common.storage import LocalStore, MinioStore
+from tests.openai_stub import OpenAIStub
 from tests.servers import redis_server, s3_server
 
 S3_KEY, S3_SECRET = "testing", "testing-secret"
@@ -64,3 +65,28 @@ def settings(tmp_path, tiny_checkpoint) -> Settings:
     """Embedded-mode settings on the tiny model and a local store in tmp_path."""
     return Settings(store="local", store_root=tmp_path / "store", model_type="tiny",
                     checkpoint=tiny_checkpoint, device="cpu", embed_batch_size=2)
+
+
+# The model backends of the concepts and verifier services: a loopback OpenAI-compatible endpoint
+# per test and a tiny random Qwen2.5-VL saved once per session.
+@pytest.fixture
+def openai_stub() -> OpenAIStub:
+    """A fresh scripted endpoint (nothing queued, nothing seen)."""
+    with OpenAIStub() as stub:
+        yield stub
+
+
+@pytest.fixture(scope="session")
+def tiny_mllm_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2.5-VL and its processor, written with save_pretrained (read-only)."""
+    from tests.mllm_models import save_tiny_qwen2_5_vl  # transformers loads only where it is needed
+
+    return save_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_mllm(tiny_mllm_dir):
+    """That model loaded once through from_pretrained, on the CPU."""
+    from services.common.mllm.local import LocalModel
+
+    return LocalModel.load(tiny_mllm_dir, "cpu", timeout_s=120.0)

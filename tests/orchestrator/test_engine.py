@@ -5,6 +5,7 @@ redelivery, resume after an interruption, and human review."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +24,7 @@ from services.orchestrator.engine import Submission
 from services.orchestrator.model import DECODE, EMBED, PROPOSE, VERIFY, ItemState, Stage
 from services.verifier import step as verifier_step
 from services.verifier.core import VerifierCore
+from tests.openai_stub import Reply
 
 GRID = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
 
@@ -69,6 +71,8 @@ def images(tmp_path) -> Path:
 @pytest.fixture
 def make_engine(tmp_path, tiny_sam):
     def make(verifier=None, concepts=None, out: Path | None = None, **settings) -> EmbeddedEngine:
+        # the labels backend unless a test says otherwise: the scripted verifier knows its phrases
+        settings = {"concepts_backend": "labels", **settings}
         engine = EmbeddedEngine(Settings(model_type="tiny", amg_params=GRID, **settings), out or tmp_path / "out",
                                 sam=tiny_sam)
         engine.dispatcher.sleep = lambda s: None  # backoff without waiting
@@ -273,3 +277,28 @@ def test_run_report_lists_every_file_once(make_engine, images):
     assert report["by_state"]["failed"] == 1 and report["files"] == len(files)
     assert sorted(p.name for p in paths["sa1b"].iterdir()) == sorted(f"{p.stem}.json" for p in files
                                                                       if p.suffix == ".png")
+
+
+@pytest.mark.parametrize("p_accept, state", [(0.95, ItemState.ACCEPTED), (0.8, ItemState.REVIEW),
+                                             (0.5, ItemState.REJECTED)])
+def test_model_backends_propose_ground_and_route_the_item(make_engine, images, openai_stub, p_accept, state):
+    """Both model backends on one OpenAI-compatible endpoint: the concepts backend reads its JSON
+    answer, the verifier its choice logprobs; the item routes on the verifier's score."""
+    answer = {"phrases": [{"text": "Dogs", "box": [100, 100, 600, 700], "score": 0.9}],
+              "hard_negatives": [{"text": "wolf", "reason": "model", "score": 0.8}]}
+    openai_stub.default = Reply(content=json.dumps(answer),
+                                logprobs=[("A", math.log(p_accept)), ("B", math.log(1 - p_accept))])
+    model = {"concepts_endpoint": openai_stub.url, "concepts_model": "vlm", "verifier_endpoint": openai_stub.url,
+             "verifier_model": "vlm", "mllm_max_retries": 0}
+    engine = make_engine(concepts_backend="openai", verifier_backend="openai", **model)
+    result = engine.process(images / "im2.png", "im2.png", [])
+    assert result.state == state.name.lower(), result
+    assert result.score == pytest.approx(p_accept, abs=1e-6)  # min over the pairs, each P(accept)
+    item = engine.orchestrator.load(result.item_id)
+    by_phrase = {p.phrase: p for p in item.phrases}
+    assert set(by_phrase) == {"dog", "wolf"}  # cleaned: lower-case, singular
+    assert by_phrase["dog"].grounded and len(by_phrase["dog"].masks) == 1 and by_phrase["wolf"].is_negative
+    assert [v.check for v in by_phrase["dog"].verdicts] == ["mask", "exhaustivity"]
+    assert by_phrase["wolf"].verdicts[0].check == "hard_negative"
+    asked = [s.body.get("logprobs", False) for s in openai_stub.seen]
+    assert asked.count(False) == 1 and asked.count(True) == 3  # one proposal, three questions
