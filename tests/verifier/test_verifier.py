@@ -30,11 +30,26 @@ from tests.servers import grpc_loopback
 MAX_MESSAGE = 4 << 20
 
 
+SIZE = (12, 16)  # H, W of every mask's image
+
+
 def mask(iou: float, stability: float, seed: int = 0) -> MaskRecord:
-    """A small mask with SAM's two quality signals; ``seed`` moves it (distinct RLEs)."""
-    m = np.zeros((8, 10), bool)
-    m[1:4, seed % 7:seed % 7 + 3] = True
-    return MaskRecord(segmentation=encode_rle(m), bbox=[seed % 7, 1, 3, 3], area=9, predicted_iou=iou,
+    """A 3x3 square with SAM's two quality signals; ``seed`` moves it (distinct RLEs for seeds 0-11).
+
+    Its geometry costs nothing (one blob, no hole, off the border, 5% of the image), so it scores
+    exactly clip(iou) * clip(stability)."""
+    m = np.zeros(SIZE, bool)
+    x = 1 + seed % 12
+    m[1:4, x:x + 3] = True
+    return MaskRecord(segmentation=encode_rle(m), bbox=[x, 1, 3, 3], area=9, predicted_iou=iou,
+                      stability_score=stability)
+
+
+def drawn(pixels: np.ndarray, iou: float = 1.0, stability: float = 1.0) -> MaskRecord:
+    """A mask of any HxW bool array, SAM-confident by default."""
+    ys, xs = np.nonzero(pixels)
+    box = [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1] if len(xs) else [0, 0, 0, 0]
+    return MaskRecord(segmentation=encode_rle(pixels), bbox=box, area=int(pixels.sum()), predicted_iou=iou,
                       stability_score=stability)
 
 
@@ -97,11 +112,68 @@ def test_mask_pairs_score_the_mean_of_clipped_iou_times_stability(core):
     assert pair.score == pytest.approx((0.5 + 0.72) / 3) and result.score == pair.score
 
 
+def _shape(name: str) -> np.ndarray:
+    """The HxW (SIZE) bool masks of CONSTRUCTED."""
+    m = np.zeros(SIZE, bool)
+    if name == "whole image":
+        m[:] = True
+    elif name == "nearly the whole image":
+        m[:] = True
+        m[:3, :3] = False
+    elif name == "speckled":
+        m[1::3, 1::3] = True
+    elif name == "mesh":
+        m[1:11, 1:15] = True
+        m[2:10:2, 2:14:2] = False
+    elif name == "solid blob":
+        m[3:9, 4:10] = True
+    elif name == "blob in a corner":
+        m[0:6, 0:6] = True
+    elif name == "two blobs":
+        m[2:6, 2:6] = True
+        m[7:10, 9:13] = True
+    return m
+
+
+# SAM-confident masks (IoU = stability = 1): shape -> (score, choice); the comment is the formula's factor
+CONSTRUCTED = {
+    "empty": (0.0, "reject"),  # g_area = 0
+    "whole image": (0.0, "whole_image"),  # g_area = 0 (and g_edge = 0.5)
+    "nearly the whole image": (0.2569, "whole_image"),  # 95.3%: g_area 0.47, g_edge 1 - 0.5 * 0.904
+    "speckled": (0.2083, "reject"),  # 20 fragments: 1 / (1 + 0.2 * 19)
+    "mesh": (0.2941, "reject"),  # 24 holes: 1 / (1 + 0.1 * 24)
+    "solid blob": (1.0, "accept"),
+    "blob in a corner": (0.8942, "accept"),  # covers 11 of the 52 frame pixels: 1 - 0.5 * 11 / 52
+    "two blobs": (0.8333, "accept"),  # 1 / (1 + 0.2)
+}
+
+
+@pytest.mark.parametrize("shape", list(CONSTRUCTED))
+def test_mask_geometry_lowers_the_score_of_broken_masks(core, shape):
+    score, choice = CONSTRUCTED[shape]
+    (verdict,) = core.verify([PhrasePair("thing", [drawn(_shape(shape))])]).pairs[0].verdicts
+    assert verdict.score == pytest.approx(score, abs=1e-4) and verdict.choice == choice
+    # SAM's own doubt multiplies in
+    (doubted,) = core.verify([PhrasePair("thing", [drawn(_shape(shape), 0.5, 0.8)])]).pairs[0].verdicts
+    assert doubted.score == pytest.approx(0.4 * score, abs=1e-4)
+
+
+def test_broken_grid_masks_do_not_vouch_for_labels(core):
+    broken = [drawn(_shape(s)) for s in ("empty", "whole image", "speckled")]
+    assert core.verify([PhrasePair("sky")], broken).score == pytest.approx(0.2083 / 3, abs=1e-4)
+    assert core.verify([PhrasePair("sky")], broken + [drawn(_shape("solid blob"))]).score == pytest.approx(
+        (1.0 + 0.2083) / 4, abs=1e-4)
+
+
 def test_ungrounded_labels_get_the_grid_quality_as_exhaustivity(core):
     result = core.verify([PhrasePair("sky")], GRID)
     (verdict,) = result.pairs[0].verdicts
     assert verdict.check == "exhaustivity" and verdict.score == pytest.approx(0.7)  # top 5 of 7
-    assert core.verify([PhrasePair("sky")], []).score == 0.0  # no grid masks: nothing to vouch for it
+    assert verdict.choice == "accept"
+    # no grid masks: nothing to vouch for it
+    (verdict,) = core.verify([PhrasePair("sky")], []).pairs[0].verdicts
+    assert (verdict.score, verdict.choice) == (0.0, "ungroundable")
+    assert core.verify([PhrasePair("sky")], []).score == 0.0
     assert HeuristicVerifier(top_k=1).verify(None, [PhrasePair("sky")], GRID).score == pytest.approx(0.9)
 
 
@@ -139,6 +211,12 @@ BAD_VERIFY_CALLS = {
     "negative with masks": (([("dog", [mask(0.9, 1.0)], True)], [], ()), "hard negative but has 1 masks"),
     "not a pair": (([("dog",) * 4], [], ()), "pair 0 must be (phrase, masks, is_negative)"),
     "unknown check": (([], [], ("mask", "vibes")), "unknown checks ['vibes']"),
+    "masks of two sizes": (([("car", [mask(0.9, 1.0)], False)], [drawn(np.ones((4, 4), bool))], ()),
+                           "grid mask 0 is 4x4 but pair 'car' mask 0 is 12x16"),
+    "malformed RLE": (([("car", [MaskRecord({"size": list(SIZE), "counts": "0"}, [0, 0, 1, 1], 1, 0.9, 1.0)],
+                        False)], [], ()), "pair 'car' mask 0 has a malformed RLE: its runs cover 0 pixels"),
+    "no mask size": (([("car", [MaskRecord({"counts": "0"}, [0, 0, 1, 1], 1, 0.9, 1.0)], False)], [], ()),
+                     "pair 'car' mask 0 segmentation needs 'size'"),
 }
 
 
@@ -198,6 +276,8 @@ BAD_REQUESTS = {
     "negative with masks": ({"pairs": [_pm("dog", [mask(0.9, 1.0)], True)]}, grpc.StatusCode.INVALID_ARGUMENT,
                             "hard negative"),
     "missing key": ({"image": common_pb2.ImageRef(key="images/none")}, grpc.StatusCode.NOT_FOUND, "images/none"),
+    "masks of two sizes": ({"pairs": [_pm("car", [mask(0.9, 1.0), drawn(np.ones((4, 4), bool))])]},
+                           grpc.StatusCode.INVALID_ARGUMENT, "pair 'car' mask 1 is 4x4 but pair 'car' mask 0 is 12x16"),
 }
 
 
@@ -223,7 +303,7 @@ def store(request):
 def _stage_outputs(store, item_id: str = "item-1") -> dict:
     """What the propose and decode steps leave for an item; returns the verify step's inputs."""
     store.put("images/abc", png())
-    store.put("masks/m/abc/p.json", json.dumps(sa1b_document("abc", (8, 10), GRID)).encode())
+    store.put("masks/m/abc/p.json", json.dumps(sa1b_document("abc", SIZE, GRID)).encode())
     proposal = Proposal([NounPhrase("car", box=(0, 0, 4, 4)), NounPhrase("sky")],
                         [HardNegative("truck", "model"), HardNegative("bus", "ontology_sibling")])
     store.put(step_key(item_id, "propose"), proposal.to_bytes())
@@ -259,7 +339,7 @@ BAD_STEPS = {
     "malformed proposal": (lambda s, i: s.put(i["concepts_key"], b'{"phrases": [{"score": 1}]}'),
                            "INVALID_ARGUMENT", "lacks 'text'"),
     "NaN in a grid mask": (lambda s, i: s.put("masks/m/abc/p.json", json.dumps(sa1b_document(
-        "abc", (8, 10), [mask(0.9, 1.0), mask(math.nan, 1.0)])).encode()), "INVALID_ARGUMENT", "grid mask 1"),
+        "abc", SIZE, [mask(0.9, 1.0), mask(math.nan, 1.0)])).encode()), "INVALID_ARGUMENT", "grid mask 1"),
     "image missing": (lambda s, i: s.delete("images/abc"), "NOT_FOUND", "images/abc"),
 }
 
