@@ -10,7 +10,9 @@ import typer
 
 from services.cli_common import collect_images, fail as _fail, progress as _progress, settings as _settings
 from services.common.errors import DataEngineError
+from services.concepts import commands as concepts_commands
 from services.orchestrator import commands
+from services.verifier import calibrate_command, eval_command
 
 app = typer.Typer(help="dataengine: raw images to verified segmentation datasets.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -110,6 +112,9 @@ def serve(
 
 
 commands.register(app)
+concepts_commands.register(app)
+calibrate_command.register(app)
+eval_command.register(app)
 
 if __name__ == "__main__":
     app()
