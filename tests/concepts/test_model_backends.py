@@ -10,22 +10,26 @@ import json
 import math
 import shutil
 
+import grpc
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from services.common.concepts import Proposal
 from services.common.errors import FailedPrecondition, InvalidInput, TransientError
 from services.common.mllm import ModelOutputError
 from services.common.mllm.endpoint import EndpointClient
 from services.common.mllm.local import LocalModel
+from services.common.pb import common_pb2, concepts_pb2, concepts_pb2_grpc
 from services.common.settings import Settings
 from services.concepts.core import ConceptsCore, make_backend
 from services.concepts.model_backends import (MAX_ANSWER_CHARS, MAX_ITEMS, OpenAIConcepts, TransformersConcepts,
                                               parse_proposal)
+from services.concepts.servicer import add_to_server
 from tests.common.image_cases import png, rgb_array
 from tests.openai_stub import Reply
-from tests.servers import free_port
+from tests.servers import free_port, grpc_loopback
 
 H, W = 40, 60  # the test image: 0-1000 coordinates scale by 0.06 in x and 0.04 in y
 SRC = "test:model"
@@ -395,3 +399,32 @@ def test_a_missing_or_incomplete_model_directory_is_a_failed_precondition(tmp_pa
     shutil.copy(tiny_mllm_dir / "config.json", partial)  # no weights, no processor files
     with pytest.raises(FailedPrecondition, match=f"cannot load the model in {partial}: "):
         LocalModel.load(partial)
+
+
+# ---------------------------------------------------------------- through gRPC
+
+def test_model_backends_over_grpc(openai_stub, tiny_mllm_dir, local_store):
+    """Propose over loopback gRPC: the endpoint's good answer becomes the reply; the tiny random
+    model's unusable answer, and a slow endpoint, become statuses naming the problem."""
+    settings = Settings(concepts_backend="openai", concepts_endpoint=openai_stub.url, concepts_model="stub-model",
+                        concepts_model_dir=tiny_mllm_dir, mllm_max_retries=0, mllm_timeout_s=0.5,
+                        mllm_max_new_tokens=16)
+    core = ConceptsCore.from_settings(settings, local_store)
+    request = concepts_pb2.ProposeRequest(image=common_pb2.ImageRef(data=png(H, W)), known_labels=["taxis"])
+    with grpc_loopback(lambda s: add_to_server(s, core), 4 << 20) as (channel, _):
+        stub = concepts_pb2_grpc.ConceptsStub(channel)
+        openai_stub.push(Reply(answer()))
+        proposal = Proposal.from_proto(stub.Propose(request, timeout=30))
+        assert [p.text for p in proposal.phrases] == ["yellow taxi", "road"]
+        assert proposal.phrases[0].box == pytest.approx((6.0, 10.0, 30.0, 30.0))  # 0-1000 -> pixels
+        assert [(n.text, n.source) for n in proposal.hard_negatives] == [("yellow school bus", "openai:stub-model")]
+        assert '"taxi"' in openai_stub.seen[0].prompt  # the known label, cleaned
+        openai_stub.push(Reply(answer(), delay_s=5.0))
+        with pytest.raises(grpc.RpcError) as slow:
+            stub.Propose(request, timeout=30)
+        assert slow.value.code() == grpc.StatusCode.UNAVAILABLE and "no answer within 0.5 s" in slow.value.details()
+        local = concepts_pb2.ProposeRequest(image=request.image, backend="transformers")
+        with pytest.raises(grpc.RpcError) as garbage:
+            stub.Propose(local, timeout=60)
+    assert garbage.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model output of transformers:" in garbage.value.details()

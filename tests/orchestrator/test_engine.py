@@ -22,6 +22,7 @@ from services.concepts.core import ConceptsCore
 from services.orchestrator.embedded import EmbeddedEngine
 from services.orchestrator.engine import Submission
 from services.orchestrator.model import DECODE, EMBED, PROPOSE, VERIFY, ItemState, Stage
+from services.orchestrator.routing import Thresholds
 from services.verifier import step as verifier_step
 from services.verifier.core import VerifierCore
 from tests.openai_stub import Reply
@@ -302,3 +303,18 @@ def test_model_backends_propose_ground_and_route_the_item(make_engine, images, o
     assert by_phrase["wolf"].verdicts[0].check == "hard_negative"
     asked = [s.body.get("logprobs", False) for s in openai_stub.seen]
     assert asked.count(False) == 1 and asked.count(True) == 3  # one proposal, three questions
+
+
+def test_a_local_model_verifier_scores_and_routes_the_item(make_engine, images, tiny_mllm_dir):
+    """The transformers verifier (a tiny random Qwen2.5-VL) in the pipeline: whatever it answers,
+    the item goes where the thresholds send the weakest pair's score."""
+    engine = make_engine(concepts=BoxConcepts(), verifier_backend="transformers", verifier_model_dir=tiny_mllm_dir)
+    result = engine.process(images / "im3.png", "im3.png", ["dog"])
+    item = engine.orchestrator.load(result.item_id)
+    by_phrase = {p.phrase: p for p in item.phrases}
+    assert [v.check for v in by_phrase["dog"].verdicts] == ["mask", "exhaustivity"]
+    assert [v.check for v in by_phrase["unicorn"].verdicts] == ["hard_negative"]
+    assert all(v.source == f"transformers:{tiny_mllm_dir.name}" for p in item.phrases for v in p.verdicts)
+    assert item.score == pytest.approx(min(p.score for p in item.phrases))
+    assert item.state == Thresholds().route(item.score)
+    assert all(p.state == Thresholds().route(p.score) for p in item.phrases)
