@@ -26,3 +26,5 @@ bench:
 	$(PY) bench/bench_embed.py
 	$(PY) bench/bench_predict.py
 	$(PY) bench/bench_pipeline.py
+	$(PY) bench/bench_concepts.py
+	$(PY) bench/bench_parse.py
