@@ -31,31 +31,55 @@ class DecodedImage:
         return int(self.pixels.shape[0]), int(self.pixels.shape[1])
 
 
+def _open(data: bytes, max_pixels: int, name: str) -> Image.Image:
+    """The image's header read and checked (empty, unknown format, no pixels, over max_pixels)."""
+    if not data:
+        raise InvalidInput(f"{name} is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InvalidInput(f"{name} is not a recognised image format ({len(data)} bytes)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidInput(f"{name} is a decompression bomb: {exc}") from None
+    except Exception as exc:  # Pillow raises assorted errors on corrupt headers
+        raise InvalidInput(f"{name} has a corrupt header: {exc}") from None
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise InvalidInput(f"{name} has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise InvalidInput(
+            f"{name} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+            "(decompression-bomb guard; raise DATAENGINE_MAX_IMAGE_PIXELS to allow it)")
+    return img
+
+
+# EXIF orientations that turn the image by 90 degrees (transpose, rotate 270, transverse, rotate 90)
+_SWAPS_AXES = {5, 6, 7, 8}
+
+
+def image_size(data: bytes, max_pixels: int, name: str = "image") -> tuple[int, int]:
+    """(H, W) in pixels of the image ``decode_image`` would give (EXIF orientation applied), from
+    the header alone: no pixel is decoded. ``InvalidInput`` as ``decode_image`` for a bad header."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = _open(data, max_pixels, name)
+        w, h = img.size
+        try:
+            orientation = img.getexif().get(0x0112)
+        except Exception:  # a corrupt EXIF block: decode_image would ignore it as exif_transpose does
+            orientation = None
+    return (w, h) if orientation in _SWAPS_AXES else (h, w)
+
+
 def decode_image(data: bytes, max_pixels: int, name: str = "image") -> DecodedImage:
     """Decode ``data`` (any format Pillow reads) to RGB, checking it on the way.
 
     ``max_pixels`` guards against decompression bombs: the header's W*H is checked before any
     pixel is decoded, and Pillow's own bomb warning is raised as an error.
     """
-    if not data:
-        raise InvalidInput(f"{name} is empty (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise InvalidInput(f"{name} is not a recognised image format ({len(data)} bytes)") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise InvalidInput(f"{name} is a decompression bomb: {exc}") from None
-        except Exception as exc:  # Pillow raises assorted errors on corrupt headers
-            raise InvalidInput(f"{name} has a corrupt header: {exc}") from None
-        w, h = img.size
-        if w < 1 or h < 1:
-            raise InvalidInput(f"{name} has no pixels ({w}x{h})")
-        if w * h > max_pixels:
-            raise InvalidInput(
-                f"{name} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
-                "(decompression-bomb guard; raise DATAENGINE_MAX_IMAGE_PIXELS to allow it)")
+        img = _open(data, max_pixels, name)
         try:
             img.load()
             img = ImageOps.exif_transpose(img)  # orientation applied before embedding

@@ -51,7 +51,7 @@ from typing import Callable, NamedTuple, Protocol, Sequence
 import numpy as np
 
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound
-from services.common.images import decode_image
+from services.common.images import decode_image, image_size
 from services.common.masks import MaskRecord
 from services.common.settings import Settings
 from services.common.storage import ObjectStore, open_store
@@ -375,21 +375,38 @@ class VerifierCore:
         if unknown:
             raise InvalidInput(f"unknown checks {unknown}; use {', '.join(CHECKS)} (none: all)")
         checked = check_pairs(pairs, grid_masks)
-        pixels = self._read(image)
+        pixels, size = self._read(image)
+        if size is not None:
+            check_image_size(checked, grid_masks, size)
         return self.backend.verify(pixels, checked, list(grid_masks), frozenset(checks or CHECKS))
 
-    def _read(self, image: ImageSource | bytes | str | None) -> np.ndarray | None:
+    def _read(self, image: ImageSource | bytes | str | None) -> tuple[np.ndarray | None, tuple[int, int] | None]:
+        """(pixels if the backend reads them, the image's (H, W) where known without a download)."""
         if image is None:
             if self.backend.needs_pixels:
                 raise InvalidInput(f"verifier backend {self.backend.name!r} needs the image")
-            return None
+            return None, None
         source = ImageSource.of(image)
         name = source.describe(0)
         if source.key is not None and self.store is None:
             raise FailedPrecondition(f"{name}: this verifier core has no object store to read keys from")
         if not self.backend.needs_pixels:
-            if source.key is not None and not self.store.exists(source.key):
+            if source.data is not None:  # the header alone gives the size the masks must have
+                return None, image_size(source.data, self.max_pixels, name)
+            if not self.store.exists(source.key):
                 raise NotFound(f"{name} not found in the object store")
-            return None
+            return None, None  # not downloaded only to check sizes: the decoder made the masks from it
         data = source.data if source.data is not None else self.store.get(source.key)
-        return decode_image(data, self.max_pixels, name=name).pixels
+        pixels = decode_image(data, self.max_pixels, name=name).pixels
+        return pixels, (int(pixels.shape[0]), int(pixels.shape[1]))
+
+
+def check_image_size(pairs: Sequence[PhrasePair], grid_masks: Sequence[MaskRecord], size: tuple[int, int]) -> None:
+    """``InvalidInput`` when the masks (all of one size, ``check_pairs``) are not ``size`` (H, W)."""
+    first = next(((m, f"pair {p.phrase!r} mask {j}") for p in pairs for j, m in enumerate(p.masks)), None)
+    if first is None and grid_masks:
+        first = grid_masks[0], "grid mask 0"
+    if first is not None:
+        h, w = rle_size(first[0].segmentation, first[1])
+        if (h, w) != tuple(size):
+            raise InvalidInput(f"{first[1]} is {h}x{w} but the image is {size[0]}x{size[1]} (H x W)")

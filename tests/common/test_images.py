@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from services.common.errors import InvalidInput
-from services.common.images import decode_image
+from services.common.images import decode_image, image_size
 from services.common.keys import sha256_hex
 from tests.common.image_cases import BAD_IMAGES, encode, png, rgb_array
 
@@ -100,3 +100,26 @@ def test_exif_orientation_is_applied(orientation, rotate):
     expected = rotate(stored)
     assert out.shape == expected.shape
     assert np.abs(out.astype(int) - expected.astype(int)).mean() < 4
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_image_size_from_the_header_is_the_decoded_size(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(rgb_array(20, 36)), "JPEG", quality=90, exif=exif.tobytes())
+    assert image_size(data, LIMIT) == decode_image(data, LIMIT).size == ((36, 20) if orientation >= 5 else (20, 36))
+
+
+@pytest.mark.parametrize("name", sorted(BAD_IMAGES))
+def test_image_size_refuses_what_decode_image_refuses_by_its_header(name):
+    data, phrase = BAD_IMAGES[name]
+    try:
+        expected = decode_image(data, LIMIT).size
+    except InvalidInput:
+        expected = None
+    try:
+        size = image_size(data, LIMIT)
+    except InvalidInput:
+        size = None
+    # a truncated body passes the header check: the size is known even when the pixels are not
+    assert size == expected or (expected is None and size is not None and "truncated" in phrase)

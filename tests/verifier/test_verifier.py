@@ -255,7 +255,7 @@ def _pm(phrase: str, masks=(), is_negative=False) -> verifier_pb2.PhraseMasks:
 
 def test_verify_over_grpc_uses_the_union_of_the_request_masks_as_grid(stub):
     shared = mask(0.5, 1.0, seed=1)
-    request = verifier_pb2.VerifyRequest(image=common_pb2.ImageRef(data=png()), pairs=[
+    request = verifier_pb2.VerifyRequest(image=common_pb2.ImageRef(data=png(*SIZE)), pairs=[
         _pm("car", [mask(1.0, 1.0, seed=0), shared]), _pm("wheel", [shared]), _pm("sky"), _pm("truck", is_negative=True)])
     reply = stub.Verify(request, timeout=10)
     assert [p.phrase for p in reply.pairs] == ["car", "wheel", "sky", "truck"]
@@ -276,6 +276,10 @@ BAD_REQUESTS = {
     "negative with masks": ({"pairs": [_pm("dog", [mask(0.9, 1.0)], True)]}, grpc.StatusCode.INVALID_ARGUMENT,
                             "hard negative"),
     "missing key": ({"image": common_pb2.ImageRef(key="images/none")}, grpc.StatusCode.NOT_FOUND, "images/none"),
+    "masks not of the image's size": ({"image": common_pb2.ImageRef(data=png(24, 40)),
+                                       "pairs": [_pm("car", [mask(0.9, 1.0)])]},
+                                      grpc.StatusCode.INVALID_ARGUMENT,
+                                      "pair 'car' mask 0 is 12x16 but the image is 24x40 (H x W)"),
     "masks of two sizes": ({"pairs": [_pm("car", [mask(0.9, 1.0), drawn(np.ones((4, 4), bool))])]},
                            grpc.StatusCode.INVALID_ARGUMENT, "pair 'car' mask 1 is 4x4 but pair 'car' mask 0 is 12x16"),
 }
@@ -284,7 +288,7 @@ BAD_REQUESTS = {
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
 def test_bad_requests_get_a_status_naming_the_problem(stub, case):
     fields, code, phrase = BAD_REQUESTS[case]
-    request = {"image": common_pb2.ImageRef(data=png()), "pairs": [_pm("sky")], **fields}
+    request = {"image": common_pb2.ImageRef(data=png(*SIZE)), "pairs": [_pm("sky")], **fields}
     if request["image"] is None:
         del request["image"]
     with pytest.raises(grpc.RpcError) as err:
