@@ -28,7 +28,7 @@ def calibrate(
     whose review outcome is known; prints n, ECE (10 bins) and Brier score before and after."""
     from services.common.storage import open_store
     from services.verifier.calibration import Examples, examples_from_jsonl, examples_from_store, fit
-    from services.verifier.core import HeuristicVerifier
+    from services.verifier.heuristic import HeuristicVerifier
 
     settings = make_settings()
     use_store = store if store is not None else items is None

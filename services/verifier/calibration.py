@@ -1,5 +1,5 @@
 """Calibration of the ``heuristic`` verifier: a logistic regression from a scored unit's features
-(``core.FEATURES``) to the probability that a human accepts, fit on items whose human review
+(``heuristic.FEATURES``) to the probability that a human accepts, fit on items whose human review
 outcome is known and saved as JSON, which the verifier loads (``settings.verifier_calibration``).
 
 Training examples, one per item:
@@ -41,7 +41,8 @@ from services.common.errors import FailedPrecondition, InvalidInput, NotFound
 from services.common.jsonl import read_objects
 from services.common.storage import ObjectStore
 from services.orchestrator.model import DECODE, Item, ItemState
-from services.verifier.core import FEATURES, FORMULA_VERSION, HeuristicVerifier, PhrasePair, check_pairs
+from services.verifier.core import PhrasePair, check_pairs
+from services.verifier.heuristic import FEATURES, FORMULA_VERSION, HeuristicVerifier
 from services.verifier.step import read_grid_masks
 
 KIND = "dataengine.verifier.calibration"

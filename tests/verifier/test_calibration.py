@@ -22,8 +22,9 @@ from services.orchestrator.model import Item, ItemState, PhraseResult, manifest_
 from services.verifier.calibrate_command import register
 from services.verifier.calibration import (Calibration, Examples, brier, ece, examples_from_jsonl,
                                            examples_from_store, fit)
-from services.verifier.core import FEATURES, HeuristicVerifier, PhrasePair, VerifierCore, logit
+from services.verifier.core import PhrasePair, VerifierCore
 from services.verifier.eval_command import register as register_eval
+from services.verifier.heuristic import FEATURES, HeuristicVerifier, logit
 from tests.verifier.test_verifier import SIZE, drawn, mask
 
 AREA = 9 / (SIZE[0] * SIZE[1])  # area fraction of every ``mask``

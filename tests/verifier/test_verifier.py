@@ -21,7 +21,8 @@ from services.common.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
 from services.common.settings import Settings
 from services.common.steps import StepRequest, run_step
 from services.common.verdicts import PairVerdict, Verdict, Verification
-from services.verifier.core import HeuristicVerifier, PhrasePair, VerifierCore, make_backend
+from services.verifier.core import PhrasePair, VerifierCore, make_backend
+from services.verifier.heuristic import HeuristicVerifier
 from services.verifier.servicer import add_to_server
 from services.verifier.step import make_handler
 from tests.common.image_cases import png
