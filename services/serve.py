@@ -23,7 +23,7 @@ class ServiceParts:
 
     make_core: builds the core (loads the model) from the settings.
     add_to_server: (grpc.Server, core) -> the full service names (for health and reflection).
-    register_tasks: (Celery, core_factory, Settings) -> None, the service's own Celery tasks.
+    register_tasks: (Celery, core_factory, max_attempts) -> None, the service's own Celery tasks.
     make_step: core -> the pipeline step handler (registered as ``<service>.step``), or None.
     """
 
@@ -42,8 +42,7 @@ def _embedder() -> ServiceParts:
         return EmbedderCore(load_from_settings(settings), open_store(settings), settings.embed_batch_size,
                             settings.max_image_pixels)
 
-    return ServiceParts(make, servicer.add_to_server, lambda app, cf, _: tasks.register_tasks(app, cf),
-                        step.make_handler)
+    return ServiceParts(make, servicer.add_to_server, tasks.register_tasks, step.make_handler)
 
 
 def _decoder() -> ServiceParts:
@@ -54,23 +53,23 @@ def _decoder() -> ServiceParts:
     def make(settings: Settings) -> DecoderCore:
         return DecoderCore(load_from_settings(settings), open_store(settings), settings.embedding_cache_size)
 
-    return ServiceParts(make, servicer.add_to_server, lambda app, cf, _: tasks.register_tasks(app, cf),
+    return ServiceParts(make, servicer.add_to_server, tasks.register_tasks,
                         lambda core: step.make_handler(core, core.store))
 
 
 def _concepts() -> ServiceParts:
-    from services.concepts import servicer, step
+    from services.concepts import servicer, step, tasks
     from services.concepts.core import ConceptsCore
 
-    return ServiceParts(ConceptsCore.from_settings, servicer.add_to_server, None,
+    return ServiceParts(ConceptsCore.from_settings, servicer.add_to_server, tasks.register_tasks,
                         lambda core: step.make_handler(core, core.store))
 
 
 def _verifier() -> ServiceParts:
-    from services.verifier import servicer, step
+    from services.verifier import servicer, step, tasks
     from services.verifier.core import VerifierCore
 
-    return ServiceParts(VerifierCore.from_settings, servicer.add_to_server, None,
+    return ServiceParts(VerifierCore.from_settings, servicer.add_to_server, tasks.register_tasks,
                         lambda core: step.make_handler(core, core.store))
 
 
@@ -87,8 +86,7 @@ def _orchestrator() -> ServiceParts:
             Thresholds(settings.accept_threshold, settings.review_threshold), dict(settings.amg_params),
             queue_depths=lambda: queue_depths(settings.broker_url, QUEUES))
 
-    return ServiceParts(make, servicer.add_to_server,
-                        lambda app, cf, settings: tasks.register_tasks(app, cf, settings.max_attempts))
+    return ServiceParts(make, servicer.add_to_server, tasks.register_tasks)
 
 
 SERVICES: dict[str, Callable[[], ServiceParts]] = {
@@ -99,7 +97,7 @@ SERVICES: dict[str, Callable[[], ServiceParts]] = {
 def _register(app, service: str, parts: ServiceParts, core_factory: Callable[[], object],
               settings: Settings) -> None:
     if parts.register_tasks is not None:
-        parts.register_tasks(app, core_factory, settings)
+        parts.register_tasks(app, core_factory, settings.max_attempts)
     if parts.make_step is not None:
         handler: list[StepHandler] = []
 

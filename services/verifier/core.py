@@ -135,6 +135,16 @@ def check_pairs(pairs: Sequence[PhrasePair | tuple], grid_masks: Sequence[MaskRe
     return checked
 
 
+def union_of_masks(pairs: Sequence[PhrasePair]) -> list[MaskRecord]:
+    """The image's masks when a request carries no grid of its own: the union of its pairs'
+    masks (a mask shared by two phrases counts once, by its RLE)."""
+    union: dict[tuple, MaskRecord] = {}
+    for pair in pairs:
+        for mask in pair.masks:
+            union.setdefault((tuple(mask.segmentation["size"]), mask.segmentation["counts"]), mask)
+    return list(union.values())
+
+
 class _SizeCheck:
     """Checks masks one by one: finite scores, and the size of the first mask seen."""
 

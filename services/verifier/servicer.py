@@ -9,7 +9,7 @@ from services.common.grpc_server import rpc
 from services.common.masks import MaskRecord
 from services.common.pb import verifier_pb2, verifier_pb2_grpc
 from services.embedder.types import ImageSource
-from services.verifier.core import PhrasePair, VerifierCore
+from services.verifier.core import PhrasePair, VerifierCore, union_of_masks
 
 SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["Verifier"].full_name
 
@@ -27,19 +27,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             raise InvalidInput("VerifyRequest has no pairs")
         pairs = [PhrasePair(p.phrase, [MaskRecord.from_proto(m) for m in p.masks], p.is_negative)
                  for p in request.pairs]
-        verification = self.core.verify(pairs, grid_masks(pairs), list(request.checks),
+        verification = self.core.verify(pairs, union_of_masks(pairs), list(request.checks),
                                         image=ImageSource.from_proto(request.image))
         return verification.to_proto()
-
-
-def grid_masks(pairs: list[PhrasePair]) -> list[MaskRecord]:
-    """The request carries no grid of its own: the item's masks are the union of its pairs' masks
-    (a mask shared by two phrases counts once, by its RLE)."""
-    union: dict[tuple, MaskRecord] = {}
-    for pair in pairs:
-        for mask in pair.masks:
-            union.setdefault((tuple(mask.segmentation["size"]), mask.segmentation["counts"]), mask)
-    return list(union.values())
 
 
 def add_to_server(server: grpc.Server, core: VerifierCore) -> list[str]:
