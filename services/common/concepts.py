@@ -17,7 +17,7 @@ from services.common.pb import common_pb2, concepts_pb2
 
 # HardNegative.reason values the proto documents; other backends may add their own.
 HARD_NEGATIVE_REASONS = (
-    "ontology_sibling", "ontology_cousin", "ontology_uncle", "attribute_swap", "model")
+    "ontology_sibling", "ontology_lookalike", "ontology_cousin", "ontology_uncle", "attribute_swap", "model")
 
 
 def _text(value: Any, what: str) -> str:

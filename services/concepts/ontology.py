@@ -1,11 +1,17 @@
 """The ``ontology`` concepts backend (offline): the item's known labels are the positives, and hard
 negatives come from a shipped taxonomy of everyday objects (``data/taxonomy.json``).
 
-For each positive, finest first: its siblings ("taxi" -> "police car"), attribute swaps ("red car"
--> "blue car"), cousins ("yellow taxi" -> "yellow school bus") and uncles ("taxi" -> "bus"). A
-relative keeps the positive's colour, pattern and material where it takes them ("yellow taxi" ->
-"yellow sports car", but "police car", which is never yellow). Negatives are round-robin over the
-positives within each relation, so one positive with many siblings does not crowd out the others.
+For each positive, finest first: its siblings ("taxi" -> "police car"), its lookalikes (things
+in other branches that pictures confuse with it, listed in the taxonomy: "person" -> "statue",
+"mannequin"; a node also has its ancestors'), attribute swaps ("red car" -> "blue car"), cousins
+("yellow taxi" -> "yellow school bus") and uncles ("taxi" -> "bus"). A relative keeps the
+positive's colour, pattern and material where it takes them ("yellow taxi" -> "yellow sports car",
+but "police car", which is never yellow). Negatives are round-robin over the positives within each
+relation, so one positive with many siblings does not crowd out the others.
+
+Relatives joined to the positive only through the root are never proposed: "animal" for "person"
+or "bird" for "traffic light" share nothing but being things, and are easy negatives, which teach a
+model nothing. A top-level category ("person") gets its lookalikes and attribute swaps only.
 
 Never proposed, against any known label: the label itself, its synonyms, its ancestors (a "taxi"
 is a "car"), its descendants ("car" may be a "taxi"), or the same category with fewer or the
@@ -32,8 +38,8 @@ from services.concepts.phrases import PREPOSITIONS, clean_phrase
 # relation -> score of its negatives, finest first: how likely the phrase is confused with the
 # positive, so a verifier or a human sees the hardest ones first. Cousins share the positive's
 # granularity (same depth), uncles are coarser, hence cousins before uncles though further apart.
-RELATION_SCORES: dict[str, float] = {"ontology_sibling": 0.9, "attribute_swap": 0.8, "ontology_cousin": 0.7,
-                                     "ontology_uncle": 0.5}
+RELATION_SCORES: dict[str, float] = {"ontology_sibling": 0.9, "ontology_lookalike": 0.85, "attribute_swap": 0.8,
+                                     "ontology_cousin": 0.7, "ontology_uncle": 0.5}
 # Word order of carried attributes, as English puts them: "red striped wooden chair".
 KIND_ORDER = ("colour", "pattern", "material")
 PARSE_CACHE = 65_536  # phrases remembered by Taxonomy.parse
@@ -42,7 +48,8 @@ PARSE_CACHE = 65_536  # phrases remembered by Taxonomy.parse
 @dataclass(eq=False)
 class Node:
     """One category. attributes: kind -> values its objects take (own, else inherited).
-    ancestors: the names from the root down to the parent."""
+    ancestors: the names from the root down to the parent. lookalikes: nodes of other branches
+    confused with it (its own, both ways, then its ancestors'), set once the tree is built."""
 
     name: str
     synonyms: tuple[str, ...]
@@ -50,6 +57,7 @@ class Node:
     parent: "Node | None"
     ancestors: tuple[str, ...]
     children: list["Node"] = field(default_factory=list)
+    lookalikes: list["Node"] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,9 @@ class Taxonomy:
         self.nodes: dict[str, Node] = {}
         self.index: dict[str, Node] = {}  # name or synonym -> node
         self._parsed: dict[str, Concept] = {}  # text -> concept: the same labels and negatives recur
+        self._lookalike_names: list[tuple[Node, str]] = []  # (node, name it lists), resolved below
         self.root = self._build(doc["root"], None)
+        self._link_lookalikes()
         # Relatives are asked for on every request: computed once here.
         self.relatives: dict[str, dict[str, list[Node]]] = {name: self._relatives(node)
                                                             for name, node in self.nodes.items()}
@@ -118,7 +128,7 @@ class Taxonomy:
         where = f"{self.source}: node under {parent.name!r}" if parent else f"{self.source}: root"
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise InvalidInput(f"{where} needs a 'name'")
-        shapes = {"synonyms": list, "attributes": dict, "children": list}
+        shapes = {"synonyms": list, "attributes": dict, "children": list, "lookalikes": list}
         wrong = [key for key, kind in shapes.items() if not isinstance(spec.get(key, kind()), kind)]
         if wrong:
             raise InvalidInput(f"{where}: {spec['name']!r} needs {', '.join(wrong)} as "
@@ -138,16 +148,38 @@ class Taxonomy:
                 raise InvalidInput(f"{where}: {surface!r} names both {self.index[surface].name!r} and {node.name!r}")
             self.index[surface] = node
         self.nodes[node.name] = node
+        self._lookalike_names += [(node, name) for name in spec.get("lookalikes", ())]
         node.children = [self._build(child, node) for child in spec.get("children", ())]
         return node
 
+    def _link_lookalikes(self) -> None:
+        """Resolve the listed lookalikes (names or synonyms), both ways, then append each node's
+        ancestors' (nearest first): a "poodle" is confused with a "stuffed animal" as a "dog" is."""
+        own: dict[str, list[Node]] = {name: [] for name in self.nodes}
+        for node, name in self._lookalike_names:
+            other = self.index.get(name) if isinstance(name, str) else None
+            if other is None:
+                raise InvalidInput(f"{self.source}: {node.name!r} lists the lookalike {name!r}, which names no node")
+            if self.related(node, other):
+                raise InvalidInput(f"{self.source}: {node.name!r} lists the lookalike {name!r}, which is itself, "
+                                   "an ancestor or a descendant (a lookalike is in another branch)")
+            for a, b in ((node, other), (other, node)):
+                if b not in own[a.name]:
+                    own[a.name].append(b)
+        for node in self.nodes.values():
+            chain = [node] + [self.nodes[name] for name in reversed(node.ancestors)]
+            node.lookalikes = list(dict.fromkeys(n for link in chain for n in own[link.name]))
+
     @staticmethod
     def _relatives(node: Node) -> dict[str, list[Node]]:
+        """Relation -> nodes, the tree's relations only where their common ancestor is not the root."""
         parent = node.parent
-        siblings = [n for n in parent.children if n is not node] if parent else []
-        uncles = [n for n in parent.parent.children if n is not parent] if parent and parent.parent else []
-        return {"ontology_sibling": siblings, "ontology_cousin": [c for u in uncles for c in u.children],
-                "ontology_uncle": uncles}
+        grandparent = parent.parent if parent is not None else None
+        siblings = [n for n in parent.children if n is not node] if grandparent is not None else []
+        uncles = [n for n in grandparent.children if n is not parent] if grandparent is not None and \
+            grandparent.parent is not None else []
+        return {"ontology_sibling": siblings, "ontology_lookalike": list(node.lookalikes),
+                "ontology_cousin": [c for u in uncles for c in u.children], "ontology_uncle": uncles}
 
     def related(self, a: Node, b: Node) -> bool:
         """True when one is the other or an ancestor of it (a synonym names the same node)."""

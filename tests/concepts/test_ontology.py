@@ -125,6 +125,11 @@ BAD_TAXONOMIES = {
                                  "colour values outside the vocabulary: ['teal']"),
     "synonyms as text": (_doc(children=[{"name": "cup", "synonyms": "mug"}]), "'cup' needs synonyms as list"),
     "alias to nothing": ({**_doc(), "attribute_aliases": {"navy": "dark blue"}}, "unknown values ['dark blue']"),
+    "lookalike of nothing": (_doc(children=[{"name": "cup", "lookalikes": ["grail"]}]),
+                             "'cup' lists the lookalike 'grail', which names no node"),
+    "lookalike in its own line": (_doc(children=[{"name": "cup", "children": [{"name": "teacup", "lookalikes": ["cup"]}]}]),
+                                  "'teacup' lists the lookalike 'cup', which is itself, an ancestor or a descendant"),
+    "lookalikes as text": (_doc(children=[{"name": "cup", "lookalikes": "mug"}]), "'cup' needs lookalikes as list"),
 }
 
 
@@ -137,7 +142,7 @@ def test_a_broken_taxonomy_names_the_problem(case):
 
 def test_a_custom_taxonomy_file(tmp_path):
     path = tmp_path / "t.json"
-    path.write_text(json.dumps(_doc(children=[{"name": "cup"}, {"name": "mug"}])))
+    path.write_text(json.dumps(_doc(children=[{"name": "tableware", "children": [{"name": "cup"}, {"name": "mug"}]}])))
     assert OntologyBackend(Taxonomy.load(path)).propose(None, ["crimson cup"]).hard_negatives[0].text == "red mug"
     with pytest.raises(InvalidInput, match="taxonomy .*missing.json"):
         Taxonomy.load(tmp_path / "missing.json")
@@ -221,6 +226,31 @@ def test_known_labels_beyond_the_positive_cap_still_block_negatives(backend):
     assert [p.text for p in proposal.phrases] == ["taxi"]
     assert "police car" not in [n.text for n in proposal.hard_negatives]
     assert len(backend.propose(None, ["taxi"], 0, 3).hard_negatives) == 3
+
+
+def test_lookalikes_from_other_branches_both_ways_and_inherited(backend):
+    person = negatives(backend, ["person"], 100)
+    assert person == [(t, "ontology_lookalike") for t in ("statue", "mannequin", "scarecrow", "doll")]
+    assert ("person", "ontology_lookalike") in negatives(backend, ["statue"], 100)  # listed once, both ways
+    assert ("stuffed animal", "ontology_lookalike") in negatives(backend, ["poodle"], 100)  # a dog's
+    texts = [t for t, _ in negatives(backend, ["yellow taxi"], 100)]
+    assert "yellow toy car" in texts and texts.index("limousine") < texts.index("yellow toy car") < \
+        texts.index("white taxi")  # after the siblings, before the attribute swaps
+
+
+def test_no_relative_joined_only_through_the_root(backend, raw):
+    """"animal" for "person", "bird" for "traffic light": easy negatives. Every tree relative of
+    every node shares an ancestor below the root with it; only listed lookalikes cross over."""
+    root = next(name for name, parent in raw.parent.items() if parent is None)
+    for name in raw.parent:
+        if name == root:
+            continue
+        for text, reason in negatives(backend, [name], 100):
+            if reason in ("ontology_lookalike", "attribute_swap"):
+                continue
+            node, _ = raw.read(text)
+            shared = (raw.ancestors(node) | {node}) & (raw.ancestors(name) | {name})
+            assert shared - {root}, f"{text!r} ({reason}) for {name!r} shares only the root"
 
 
 # -- property: over many positives drawn from the whole taxonomy ------------------------------
