@@ -318,3 +318,17 @@ def test_a_local_model_verifier_scores_and_routes_the_item(make_engine, images, 
     assert item.score == pytest.approx(min(p.score for p in item.phrases))
     assert item.state == Thresholds().route(item.score)
     assert all(p.state == Thresholds().route(p.score) for p in item.phrases)
+
+
+def test_a_local_model_concepts_backend_in_the_pipeline(make_engine, images, tiny_mllm_dir):
+    """The transformers concepts backend (a tiny random Qwen2.5-VL) as the pipeline's proposer:
+    its answer is never a proposal, so after the one repair the item fails with that reason,
+    the embedding it overlapped with is kept, and the next item is processed all the same."""
+    engine = make_engine(concepts_backend="transformers", concepts_model_dir=tiny_mllm_dir, mllm_max_new_tokens=16)
+    first = engine.process(images / "im1.png", "im1.png", ["dog"])
+    assert first.state == "failed"
+    assert "model output of transformers:" in first.reason and "is not a proposal" in first.reason
+    item = engine.orchestrator.load(first.item_id)
+    assert EMBED in item.done and PROPOSE not in item.done  # run side by side: the embedding is kept
+    second = engine.process(images / "im2.png", "im2.png", [])
+    assert second.state == "failed" and second.item_id != first.item_id
