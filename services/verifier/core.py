@@ -186,7 +186,8 @@ class VerifierCore:
         """Verify ``pairs`` (``PhrasePair``s or ``(phrase, masks, is_negative)`` tuples) of one image.
 
         grid_masks: the image's class-agnostic masks. checks: subset of ``CHECKS``; empty is all.
-        image: needed by backends that read pixels; an object key is checked to exist (``NotFound``).
+        image: needed by backends that read pixels; when given, the masks must have its size
+        (``InvalidInput``) and an object key must exist (``NotFound``).
         """
         unknown = sorted(set(checks) - set(CHECKS))
         if unknown:
@@ -198,7 +199,9 @@ class VerifierCore:
         return self.backend.verify(pixels, checked, list(grid_masks), frozenset(checks or CHECKS))
 
     def _read(self, image: ImageSource | bytes | str | None) -> tuple[np.ndarray | None, tuple[int, int] | None]:
-        """(pixels if the backend reads them, the image's (H, W) where known without a download)."""
+        """(pixels if the backend reads them, else None; the image's (H, W), or None without an image).
+        A backend that ignores pixels still has the image read, for its header: masks of another
+        size than the image are bad input whoever made them."""
         if image is None:
             if self.backend.needs_pixels:
                 raise InvalidInput(f"verifier backend {self.backend.name!r} needs the image")
@@ -207,16 +210,18 @@ class VerifierCore:
         name = source.describe(0)
         if source.key is not None and self.store is None:
             raise FailedPrecondition(f"{name}: this verifier core has no object store to read keys from")
-        if not self.backend.needs_pixels:
-            if source.data is not None:  # the header alone gives the size the masks must have
-                return None, image_size(source.data, self.max_pixels, name)
-            if not self.store.exists(source.key):
-                raise NotFound(f"{name} not found in the object store")
-            return None, None  # not downloaded only to check sizes: the decoder made the masks from it
-        data = source.data if source.data is not None else self.store.get(source.key)
+        data = source.data if source.data is not None else self._get(source.key, name)
+        if not self.backend.needs_pixels:  # the header alone gives the size the masks must have
+            return None, image_size(data, self.max_pixels, name)
         pixels = decode_image(data, self.max_pixels, name=name).pixels
         return pixels, (int(pixels.shape[0]), int(pixels.shape[1]))
 
+
+    def _get(self, key: str, name: str) -> bytes:
+        try:
+            return self.store.get(key)
+        except NotFound:
+            raise NotFound(f"{name} not found in the object store") from None
 
 def check_image_size(pairs: Sequence[PhrasePair], grid_masks: Sequence[MaskRecord], size: tuple[int, int]) -> None:
     """``InvalidInput`` when the masks (all of one size, ``check_pairs``) are not ``size`` (H, W)."""

@@ -78,6 +78,8 @@ def test_outcomes_on_an_in_process_worker(broker, local_store):
              "INVALID_ARGUMENT", "is a hard negative but has 3 masks"),
             (("in/a.png", [PAIRS[0], {"phrase": "cat", "masks_key": "masks/other.json"}]), {},
              "INVALID_ARGUMENT", "is 12x12 but pair 'dog' mask 0 is 12x16"),
+            (("in/a.png", [{"phrase": "cat", "masks_key": "masks/other.json"}]), {},
+             "INVALID_ARGUMENT", "pair 'cat' mask 0 is 12x12 but the image is 12x16"),  # read from its header
             (("in/a.png", PAIRS, ["colour"]), {}, "INVALID_ARGUMENT", "unknown checks ['colour']"),
             (("in/missing.png", PAIRS), {}, "NOT_FOUND", "in/missing.png"),
             (("in/a.png", "dog"), {}, "INVALID_ARGUMENT", "pairs must be a non-empty list"),
