@@ -45,11 +45,11 @@ def rle_counts(counts: str) -> list[int]:
     return runs
 
 
-def decode_rle(rle: dict) -> np.ndarray:
-    """COCO RLE (compressed or not) -> HxW bool mask.
+def rle_runs(rle: dict) -> tuple[int, int, list[int]]:
+    """(H, W, run lengths) of a COCO RLE (compressed or not), checked.
 
     ``InvalidInput`` when the size is not two non-negative integers, or the runs are negative or do
-    not add up to H*W (pycocotools would return uninitialised memory for those).
+    not add up to H*W (pycocotools would decode those into uninitialised memory).
     """
     if not isinstance(rle, dict):
         raise InvalidInput(f"an RLE must be a mapping with size and counts, got {type(rle).__name__}")
@@ -69,6 +69,15 @@ def decode_rle(rle: dict) -> np.ndarray:
     if any(r < 0 for r in runs) or sum(runs) != h * w:
         raise InvalidInput(f"its runs cover {sum(runs)} pixels (some negative)" if any(r < 0 for r in runs)
                            else f"its runs cover {sum(runs)} pixels, not {h}x{w} = {h * w}")
+    return h, w, runs
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """COCO RLE (compressed or not) -> HxW bool mask; ``InvalidInput`` as ``rle_runs``."""
+    h, w, runs = rle_runs(rle)
+    counts = rle["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii", errors="replace")
     if isinstance(counts, str):
         coded = {"size": [h, w], "counts": counts.encode("ascii")}
     else:

@@ -23,14 +23,18 @@ def evaluate(
                                   "(each pair is scored against the most favourable one)."),
     pred: Path = typer.Option(..., "--pred", help="Predictions in the COCO results format: a JSON list of "
                               "{image_id (the pair id), segmentation (RLE), score, category_id}."),
+    more_gt: Optional[list[Path]] = typer.Argument(None, hidden=True, metavar="[GT.json ...]"),
 ) -> None:
     """SA-Co metrics as the official SAM 3 evaluator computes them: cgF1, IL_MCC, positive_micro_F1,
     precision, recall, F1 (mean over IoU 0.50:0.95, and @0.5, @0.75), over the exhaustively
-    annotated pairs; predictions scoring below 0.5 are dropped."""
+    annotated pairs; predictions scoring below 0.5 are dropped.
+
+    Several annotators: --gt a.json b.json c.json, or --gt a.json --gt b.json --gt c.json."""
     from services.verifier.evaluation import evaluate as run
 
     try:
-        result = run(gt, pred)
+        # Click options take one value each: the files after the first --gt arrive as arguments.
+        result = run([*gt, *(more_gt or [])], pred)
     except DataEngineError as exc:
         fail(str(exc), code=1)
     typer.echo(json.dumps(result, indent=1))

@@ -56,6 +56,7 @@ from pycocotools import mask as mask_utils
 from scipy.optimize import linear_sum_assignment
 
 from services.common.errors import InvalidInput
+from services.common.masks import rle_runs
 
 SCORE_THRESHOLD = 0.5
 # The official thresholds, built the same way (pycocotools' Params): equality tests on them are exact.
@@ -106,7 +107,7 @@ class GroundTruth:
             pair = GtPair(_int(image.get("id"), f"{where}.id"), _int(image.get("height"), f"{where}.height", 1),
                           _int(image.get("width"), f"{where}.width", 1),
                           _flag(image.get("is_instance_exhaustive"), f"{where}.is_instance_exhaustive"),
-                          image.get("text_input") if isinstance(image.get("text_input"), str) else None)
+                          _text_input(image.get("text_input"), f"{where}.text_input"))
             if pair.pair_id in pairs:
                 raise InvalidInput(f"{where}.id: pair id {pair.pair_id} appears twice")
             pairs[pair.pair_id] = pair
@@ -319,6 +320,15 @@ def _int(value: object, where: str, minimum: int | None = None) -> int:
     return value
 
 
+def _text_input(value: object, where: str) -> str:
+    """The pair's noun phrase: SA-Co/Gold names one per pair; a file without is not SA-Co (plain
+    COCO ground truth, say), whose figures would mean nothing here."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{where} must be the pair's noun phrase, got {value!r:.50} (an SA-Co/Gold file "
+                           "names one per images entry)")
+    return value
+
+
 def _flag(value: object, where: str) -> bool:
     if value not in (0, 1) or isinstance(value, float):  # True/False compare equal to 1/0
         raise InvalidInput(f"{where} must be 0, 1, true or false, got {value!r:.50}")
@@ -343,6 +353,10 @@ def _rle(seg: dict, pair: GtPair, where: str) -> dict:
         raise InvalidInput(f"{where}.size {size} disagrees with pair {pair.pair_id}'s height and width "
                            f"[{pair.height}, {pair.width}]")
     if isinstance(counts, str):
+        try:  # pycocotools would score a string that does not tile the mask as garbage, silently
+            rle_runs({"size": size, "counts": counts})
+        except InvalidInput as exc:
+            raise InvalidInput(f"{where}.counts is not a compressed RLE of {size[0]}x{size[1]}: {exc}") from None
         return {"size": size, "counts": counts}
     if (isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
             and sum(counts) == size[0] * size[1]):

@@ -162,6 +162,10 @@ BAD_GT = [
     (_set("annotations.0.segmentation", [[1, 2, 3]]), ["annotations[0].segmentation", "polygons"]),
     (_set("annotations.0.segmentation.counts", [5, 5]), ["annotations[0].segmentation.counts", "1024"]),
     (_set("annotations.0.iscrowd", 2), ["annotations[0].iscrowd"]),
+    (_set("images.0.text_input", DELETE), ["gt.json", "images[0].text_input", "noun phrase"]),  # plain COCO GT
+    (_set("images.0.text_input", " "), ["images[0].text_input"]),
+    (_set("annotations.0.segmentation.counts", "~~~~"), ["annotations[0].segmentation.counts", "'~'"]),
+    (_set("annotations.0.segmentation.counts", "0"), ["annotations[0].segmentation.counts", "not 32x32"]),
 ]
 BAD_PRED = [
     (lambda p: {"results": p}, ["pred.json", "JSON list"]),
@@ -173,6 +177,7 @@ BAD_PRED = [
     (_set("0.segmentation", "RLE"), ["[0].segmentation", "RLE object"]),
     (_set("0.segmentation.size", [64, 64]), ["[0].segmentation.size", "disagrees", "pair 1"]),
     (_set("0.category_id", 3), ["[0].category_id", "gt.json"]),
+    (_set("0.segmentation.counts", "zzzzzzzz"), ["pred.json: [0].segmentation.counts", "not a compressed RLE"]),
 ]
 
 
@@ -303,6 +308,8 @@ def test_eval_command_prints_the_metrics(cli):
     result = cli("eval", *[a for g in gts for a in ("--gt", g)], "--pred", pred)
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
+    listed = cli("eval", "--gt", *gts, "--pred", pred)  # the files after one --gt, as the issue writes it
+    assert listed.exit_code == 0 and json.loads(listed.stdout) == printed
     for metric in ("cgF1", "IL_MCC", "positive_micro_F1", "precision", "recall", "F1", "cgF1@0.5", "F1@0.75"):
         assert printed[metric] == pytest.approx(case["metrics"][metric], abs=TOLERANCE)
     assert printed["annotators"] == 3
