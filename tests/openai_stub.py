@@ -25,7 +25,8 @@ class Reply:
     content: the assistant's text (None: a message without content). status: HTTP status; not
     200 sends an OpenAI error body with ``error``. delay_s: seconds to wait before answering.
     logprobs: (token, logprob) alternatives of the first answer token, sent as ``top_logprobs``
-    (None: no ``logprobs`` in the answer).
+    (None: no ``logprobs`` in the answer). sampled_only: send the most likely of them as the
+    sampled token and an empty ``top_logprobs`` (a server that ignores ``top_logprobs``).
     """
 
     content: str | None = ""
@@ -34,6 +35,7 @@ class Reply:
     error: str = ""
     logprobs: list[tuple[str, float]] | None = None
     choices: int = 1  # 0: a completion without any choice
+    sampled_only: bool = False
 
 
 @dataclass
@@ -63,7 +65,7 @@ def _completion(reply: Reply, model: str, n: int) -> dict[str, Any]:
         token, logprob = max(reply.logprobs, key=lambda t: t[1])
         logprobs = {"content": [{"token": token, "logprob": logprob, "bytes": None,
                                  "top_logprobs": [{"token": t, "logprob": lp, "bytes": None}
-                                                  for t, lp in reply.logprobs]}]}
+                                                  for t, lp in reply.logprobs][:0 if reply.sampled_only else None]}]}
     choices = [{"index": 0, "finish_reason": "stop", "logprobs": logprobs,
                 "message": {"role": "assistant", "content": reply.content}}][:reply.choices]
     return {"id": f"chatcmpl-stub-{n}", "object": "chat.completion", "created": int(time.time()), "model": model,

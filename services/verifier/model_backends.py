@@ -55,7 +55,8 @@ def template(check: str) -> str:
 
 
 def softmax(scores: dict[str, float], letters: list[str], source: str) -> list[float]:
-    """Probabilities of ``letters`` from their scores; letters the model gave no score are 0."""
+    """Probabilities of ``letters`` from their scores (-inf or no score: 0); none scored is
+    ``InvalidInput``, as the model did not answer with a choice."""
     values = [scores.get(letter, -math.inf) for letter in letters]
     if any(isinstance(v, float) and math.isnan(v) for v in values):
         raise InvalidInput(f"model output of {source}: a choice score is NaN")

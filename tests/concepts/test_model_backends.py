@@ -19,7 +19,7 @@ from PIL import Image
 from services.common.concepts import Proposal
 from services.common.errors import FailedPrecondition, InvalidInput, TransientError
 from services.common.mllm import ModelOutputError
-from services.common.mllm.endpoint import EndpointClient
+from services.common.mllm.endpoint import EndpointClient, missing_choice_bound
 from services.common.mllm.local import LocalModel
 from services.common.pb import common_pb2, concepts_pb2, concepts_pb2_grpc
 from services.common.settings import Settings
@@ -218,11 +218,11 @@ def test_an_empty_or_missing_answer_is_model_output_error(openai_stub, pixels, r
 
 
 def test_choice_logprobs_reads_the_first_tokens_alternatives(openai_stub, pixels):
-    openai_stub.push(Reply("A", logprobs=[("A", -0.1), (" A", -2.0), ("B", -3.0), ("Absent", -4.0)]))
+    openai_stub.push(Reply("A", logprobs=[("A", -0.1), (" A", -3.0), ("B", -4.0), ("Absent", -5.0)]))
     scores = client(openai_stub).choice_logprobs(pixels, "A or B?", ["A", "B", "C"])
-    assert scores["A"] == pytest.approx(math.log(math.exp(-0.1) + math.exp(-2.0)))  # "A" and " A"
-    assert scores["B"] == pytest.approx(-3.0)
-    assert scores["C"] == -math.inf  # not among the top tokens
+    assert scores["A"] == pytest.approx(math.log(math.exp(-0.1) + math.exp(-3.0)))  # "A" and " A"
+    assert scores["B"] == pytest.approx(-4.0)
+    assert scores["C"] == pytest.approx(-5.0)  # not listed: at most the least listed token
     body = openai_stub.seen[0].body
     assert (body["logprobs"], body["top_logprobs"], body["max_tokens"]) == (True, 20, 1)
 
@@ -231,6 +231,18 @@ def test_choice_logprobs_without_logprobs_is_a_failed_precondition(openai_stub, 
     openai_stub.push(Reply("A"))  # a server that ignores the logprobs request
     with pytest.raises(FailedPrecondition, match="endpoint gives no logprobs"):
         client(openai_stub).choice_logprobs(pixels, "A or B?", ["A", "B"])
+    openai_stub.push(Reply("A", logprobs=[("A", -0.7)], sampled_only=True))  # ... or the top_logprobs one
+    with pytest.raises(FailedPrecondition, match="no top_logprobs alternatives"):
+        client(openai_stub).choice_logprobs(pixels, "A or B?", ["A", "B"])
+
+
+@pytest.mark.parametrize("listed, missing, bound", [
+    ([-0.01, -6.0], 1, -6.0),                                # the least listed token caps it
+    ([-0.01, -6.0], 4, math.log((1 - math.exp(-0.01) - math.exp(-6.0)) / 4)),  # four share what is left
+    ([math.log(0.6), math.log(0.4)], 2, -math.inf),          # the list holds all the mass
+])
+def test_a_choice_missing_from_the_top_list_gets_the_most_it_can_have(listed, missing, bound):
+    assert missing_choice_bound(listed, missing) == pytest.approx(bound)
 
 
 # ---------------------------------------------------------------- the openai backend
@@ -355,18 +367,24 @@ def test_an_image_the_processor_refuses_is_invalid_input(tiny_mllm):
         tiny_mllm.generate(rgb_array(2, 600), "p", 4)  # aspect ratio 300, over Qwen's limit of 200
 
 
-def test_choice_logits_are_the_next_token_logits_of_each_choices_first_token(tiny_mllm, pixels):
+def test_choice_logits_sum_the_bare_and_the_spaced_token_of_each_choice(tiny_mllm, pixels):
     choices = ["A", "B", "yes"]
     scores = tiny_mllm.choice_logits(pixels, "A or B?", choices)
     assert list(scores) == choices and all(math.isfinite(v) for v in scores.values())
-    # the same numbers from a plain forward pass over the whole sequence
+    # the same numbers from a plain forward pass over the whole sequence, by the tokens' ids
     inputs = tiny_mllm._inputs(pixels, "A or B?")
     with torch.inference_mode():
         last = tiny_mllm.model(**inputs).logits[0, -1]
-    tokenizer = tiny_mllm.processor.tokenizer
-    for choice in choices:
-        assert scores[choice] == pytest.approx(float(last[tokenizer(choice, add_special_tokens=False).input_ids[0]]),
-                                               abs=1e-5)
+    vocab = tiny_mllm.processor.tokenizer.get_vocab()
+    # byte-level BPE writes a space as "Ġ"; this tiny vocabulary has "ĠB" but spells " A" as "Ġ" + "A"
+    ids = {"A": [vocab["A"]], "B": [vocab["B"], vocab["\u0120B"]]}
+    for choice, tokens in ids.items():
+        assert scores[choice] == pytest.approx(float(torch.logsumexp(last[tokens], dim=0)), abs=1e-5)
+
+
+def test_choices_that_start_with_the_same_token_are_invalid(tiny_mllm, pixels):
+    with pytest.raises(InvalidInput, match="both start with token .* cannot tell them apart"):
+        tiny_mllm.choice_logits(pixels, "p", ["B", " B"])  # " B" is the spaced spelling of "B"
 
 
 def test_garbage_from_the_model_fails_clearly_after_exactly_one_repair(tiny_mllm, pixels):

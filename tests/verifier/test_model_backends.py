@@ -132,21 +132,32 @@ def _letters(**probs: float) -> list[tuple[str, float]]:
 
 def test_openai_scores_are_the_softmax_of_the_choice_logprobs(openai_stub, pixels):
     openai_stub.push(Reply(logprobs=_letters(A=0.6, E=0.3, Z=0.1)),       # mask: P(accept) 0.6 / 0.9
-                     Reply(logprobs=_letters(A=0.2, B=0.7)),               # exhaustivity: 0.2 / 0.9
+                     Reply(logprobs=_letters(A=0.2, B=0.7)),               # exhaustivity: C-F share 0.1
                      Reply(logprobs=_letters(A=0.45, B=0.45, Q=0.1)))      # hard negative: P(absent) 0.5
     verifier = openai_verifier(_endpoint_settings(openai_stub))
     result = verifier.verify(pixels, [PhrasePair("dog", [record(box(5, 15, 5, 25))]), PhrasePair("cat", [], True)],
                              [], frozenset(CHOICES))
     dog, cat = result.pairs
     assert [(v.check, v.choice) for v in dog.verdicts] == [("mask", "accept"), ("exhaustivity", "reject")]
-    assert [v.score for v in dog.verdicts] == pytest.approx([0.6 / 0.9, 0.2 / 0.9])
-    assert dog.score == pytest.approx(0.2 / 0.9) and cat.score == pytest.approx(0.5)
-    assert result.score == pytest.approx(0.2 / 0.9)
+    assert [v.score for v in dog.verdicts] == pytest.approx([0.6 / 0.9, 0.2])
+    assert dog.score == pytest.approx(0.2) and cat.score == pytest.approx(0.5)
+    assert result.score == pytest.approx(0.2)
     assert {v.source for v in dog.verdicts} == {"openai:judge"}
     first = openai_stub.seen[0]
     assert first.body["model"] == "judge" and first.body["logprobs"] is True and first.body["max_tokens"] == 1
     assert first.image_url.startswith("data:image/png;base64,") and '"dog"' in first.prompt
     assert "(1 masks)" in openai_stub.seen[1].prompt
+
+
+def test_an_accepting_letter_listed_alone_at_low_probability_scores_low(openai_stub, pixels):
+    """The model would say "The ..."; "A" is listed at 0.25%, B-E not at all: they get their
+    share of what the list leaves, so P(accept) is about a quarter, not 1 (nothing is accepted)."""
+    openai_stub.push(Reply(logprobs=[("The", -0.01), ("A", -6.0)]))
+    verifier = openai_verifier(_endpoint_settings(openai_stub))
+    result = verifier.verify(pixels, [PhrasePair("dog", [record(box(5, 15, 5, 25))])], [], frozenset(["mask"]))
+    rest = (1 - math.exp(-0.01) - math.exp(-6.0)) / 4
+    assert result.score == pytest.approx(math.exp(-6.0) / (math.exp(-6.0) + 4 * rest))
+    assert result.score < 0.3
 
 
 def test_openai_without_logprobs_is_a_clear_failed_precondition(openai_stub, pixels):

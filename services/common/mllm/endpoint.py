@@ -57,16 +57,35 @@ def first_token_scores(top: Sequence[tuple[str, float]], choices: Sequence[str])
 
     top: (token, logprob) alternatives at the first position. A token counts for a choice when,
     stripped of whitespace, it is a non-empty prefix of the choice ("A" and " A" both count for
-    "A"; "y" counts for "yes"); the probabilities of the tokens that count are summed. A choice
-    no listed token starts: -inf (less likely than every listed token, so ~0 after a softmax).
+    "A"; "y" counts for "yes"); the probabilities of the tokens that count are summed.
+
+    A choice no listed token starts is not impossible, only less likely than the listed tokens: it
+    gets the most it can have, the probability the list leaves over shared among such choices,
+    and never more than the least listed token (``missing_choice_bound``). Counting it as 0 would
+    let an accepting letter listed alone at 0.2% score 1.0. No choice listed at all: all -inf.
     """
     unique = dict(top)  # the sampled token is usually listed among the alternatives too
-    scores = {}
+    scores: dict[str, float] = {}
     for choice in choices:
         key = choice.strip()
         hits = [lp for token, lp in unique.items() if token.strip() and key.startswith(token.strip())]
         scores[choice] = _logsumexp(hits) if hits else -math.inf
+    missing = [c for c in choices if scores[c] == -math.inf]
+    if unique and missing and len(missing) < len(choices):
+        bound = missing_choice_bound(list(unique.values()), len(missing))
+        scores.update((c, bound) for c in missing)
     return scores
+
+
+def missing_choice_bound(listed: Sequence[float], missing: int) -> float:
+    """Log-probability bound of each of ``missing`` tokens absent from a top list of ``listed``
+    log-probabilities: at most the least listed one, and together at most what the list leaves
+    (1 - its total mass); -inf when the list holds all the mass."""
+    rest = 1.0 - sum(math.exp(lp) for lp in listed)
+    share = rest / missing
+    if share <= 0.0:
+        return -math.inf
+    return min(min(listed), math.log(share))
 
 
 class EndpointClient:
@@ -107,10 +126,11 @@ class EndpointClient:
 
     def choice_logprobs(self, pixels: np.ndarray, prompt: str, choices: list[str]) -> dict[str, float]:
         """Log-probability of each choice as the first token of the answer (see
-        ``first_token_scores``; -inf for a choice not among the top 20 tokens).
+        ``first_token_scores``: a choice not among the top 20 tokens gets a bound).
 
-        ``FailedPrecondition`` when the endpoint answers without logprobs (some servers ignore
-        the request): without them the choices cannot be scored.
+        ``FailedPrecondition`` when the endpoint answers without logprobs, or without the top
+        alternatives (some servers ignore the request): the choices cannot be scored from the
+        sampled token alone.
         """
         if not choices:
             raise InvalidInput("choice_logprobs needs at least one choice")
@@ -121,7 +141,10 @@ class EndpointClient:
             raise FailedPrecondition(f"{self.name}: endpoint gives no logprobs "
                                      "(the choices cannot be scored; use a server that returns them)")
         first = content[0]
-        top = [(t.token, float(t.logprob)) for t in (first.top_logprobs or [])]
+        if not first.top_logprobs:
+            raise FailedPrecondition(f"{self.name}: endpoint gives logprobs but no top_logprobs alternatives "
+                                     f"(asked for {TOP_LOGPROBS}; the choices cannot be scored from one token)")
+        top = [(t.token, float(t.logprob)) for t in first.top_logprobs]
         top.append((first.token, float(first.logprob)))
         return first_token_scores(top, choices)
 

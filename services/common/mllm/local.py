@@ -117,20 +117,33 @@ class LocalModel:
         return text
 
     def choice_logits(self, pixels: np.ndarray, prompt: str, choices: list[str]) -> dict[str, float]:
-        """Next-token logit of each choice's first token (its first id under the model's
-        tokenizer, no special tokens), at the start of the assistant's answer. Logits, not
-        log-probabilities: only differences between choices mean anything."""
+        """Next-token score of each choice at the start of the assistant's answer: the logsumexp
+        of the logits of its first token bare and after a space ("A" and " A": a chat template
+        ending in "Assistant:" is answered with the second), as the endpoint path sums both.
+        Logits, not log-probabilities: only differences between choices mean anything.
+        ``InvalidInput`` when a choice has no token, or two choices start with the same one."""
         if not choices:
             raise InvalidInput("choice_logits needs at least one choice")
-        first_ids = {}
+        tokenizer = self.processor.tokenizer
+        token_ids: dict[str, list[int]] = {}
+        owner: dict[int, str] = {}
         for choice in choices:
-            ids = self.processor.tokenizer(choice, add_special_tokens=False)["input_ids"]
+            ids = []
+            for spelling in (choice, " " + choice):
+                pieces = tokenizer(spelling, add_special_tokens=False)["input_ids"]
+                # a lone space piece (SentencePiece's "▁" before "A") starts every spaced choice
+                if pieces and tokenizer.decode(pieces[:1]).strip() and int(pieces[0]) not in ids:
+                    ids.append(int(pieces[0]))
             if not ids:
                 raise InvalidInput(f"choice {choice!r} is no token of {self.name}")
-            first_ids[choice] = int(ids[0])
+            for i in ids:
+                if owner.setdefault(i, choice) != choice:
+                    raise InvalidInput(f"choices {owner[i]!r} and {choice!r} both start with token {i} of "
+                                       f"{self.name}: the model's answer cannot tell them apart")
+            token_ids[choice] = ids
         extra = {"logits_to_keep": 1} if self._keeps_last else {}
         with self._lock:
             inputs = self._inputs(pixels, prompt)
             with torch.inference_mode():
                 logits = self.model(**inputs, **extra).logits[0, -1].float()
-        return {choice: float(logits[i]) for choice, i in first_ids.items()}
+        return {choice: float(torch.logsumexp(logits[ids], dim=0)) for choice, ids in token_ids.items()}
