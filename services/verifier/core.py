@@ -77,15 +77,26 @@ def _heuristic(settings: Settings) -> VerifierBackend:
     return HeuristicVerifier.from_settings(settings)
 
 
+def _uncalibrated(settings: Settings, name: str) -> None:
+    """A calibration fits the heuristic's features; silently ignoring it under a model backend
+    would route on other scores than the operator set up."""
+    if settings.verifier_calibration is not None:
+        raise FailedPrecondition(f"DATAENGINE_VERIFIER_CALIBRATION ({settings.verifier_calibration}) calibrates the "
+                                 f"heuristic verifier only; the {name} backend's scores are the model's own "
+                                 "probabilities: unset it, or use the heuristic backend")
+
+
 def _openai(settings: Settings) -> VerifierBackend:
     from services.verifier.model_backends import openai_verifier
 
+    _uncalibrated(settings, "openai")
     return openai_verifier(settings)
 
 
 def _transformers(settings: Settings) -> VerifierBackend:
     from services.verifier.model_backends import transformers_verifier
 
+    _uncalibrated(settings, "transformers")
     return transformers_verifier(settings)
 
 

@@ -18,6 +18,8 @@ Aggregation (what the orchestrator routes on):
   claims presence and nothing can be checked about masks;
 - a hard negative: its HN score, P(absent);
 - the item: the minimum over its pairs (the weakest pair decides), or 0.0 with no pair.
+An ungrounded label's accepting answer is "present": its HN verdict keeps the model's choice and
+scores P(present).
 A check left out of ``checks`` is skipped; a pair with no check left is left out of the result.
 """
 

@@ -14,7 +14,7 @@ from services.common.errors import FailedPrecondition, InvalidInput, TransientEr
 from services.common.masks import MaskRecord, encode_rle
 from services.common.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
 from services.common.settings import Settings
-from services.verifier.core import PhrasePair, VerifierCore
+from services.verifier.core import PhrasePair, VerifierCore, make_backend
 from services.verifier.model_backends import CHOICES, ModelVerifier, openai_verifier, softmax, transformers_verifier
 from services.verifier.render import PANEL, composite, crop_box, mask_array
 from services.verifier.servicer import add_to_server
@@ -116,6 +116,14 @@ def test_the_model_backends_name_their_missing_settings():
         openai_verifier(Settings())
     with pytest.raises(FailedPrecondition, match="DATAENGINE_VERIFIER_MODEL_DIR"):
         transformers_verifier(Settings())
+
+
+@pytest.mark.parametrize("backend", ["openai", "transformers"])
+def test_a_calibration_under_a_model_backend_is_refused_not_ignored(tmp_path, backend):
+    settings = Settings(verifier_backend=backend, verifier_endpoint="http://127.0.0.1:1/v1", verifier_model="m",
+                        verifier_model_dir=tmp_path, verifier_calibration=tmp_path / "calibration.json")
+    with pytest.raises(FailedPrecondition, match=f"calibrates the heuristic verifier only; the {backend} backend"):
+        make_backend(backend, settings)
 
 
 # -- the openai path, against a loopback OpenAI-compatible endpoint -----------------------------
