@@ -1,11 +1,9 @@
-"""The concepts model backends: parsing a model's answer into a Proposal, the shared endpoint
-client with the real openai client against a loopback OpenAI-compatible server, and the local
-path with a tiny random Qwen2.5-VL loaded through from_pretrained."""
+"""The concepts model backends: parsing a model's answer into a Proposal, the openai backend
+against a loopback OpenAI-compatible server (the client itself: tests/common/test_mllm_endpoint.py),
+and the local path with a tiny random Qwen2.5-VL loaded through from_pretrained."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
 import shutil
@@ -14,12 +12,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from services.common.concepts import Proposal
 from services.common.errors import FailedPrecondition, InvalidInput, TransientError
 from services.common.mllm import ModelOutputError
-from services.common.mllm.endpoint import EndpointClient, missing_choice_bound
+from services.common.mllm.endpoint import EndpointClient
 from services.common.mllm.local import LocalModel
 from services.common.pb import common_pb2, concepts_pb2, concepts_pb2_grpc
 from services.common.settings import Settings
@@ -29,7 +26,7 @@ from services.concepts.model_backends import (MAX_ANSWER_CHARS, MAX_ITEMS, OpenA
 from services.concepts.servicer import add_to_server
 from tests.common.image_cases import png, rgb_array
 from tests.openai_stub import Reply
-from tests.servers import free_port, grpc_loopback
+from tests.servers import grpc_loopback
 
 H, W = 40, 60  # the test image: 0-1000 coordinates scale by 0.06 in x and 0.04 in y
 SRC = "test:model"
@@ -151,98 +148,6 @@ def test_only_the_first_64_kib_are_parsed_and_lists_are_capped():
     assert len(many) < MAX_ANSWER_CHARS
     p = parse_proposal(many, (H, W), SRC)
     assert len(p.phrases) == len(p.hard_negatives) == MAX_ITEMS
-
-
-# ---------------------------------------------------------------- the endpoint client
-
-def test_chat_sends_the_image_as_a_png_data_url_and_returns_the_answer(openai_stub, pixels):
-    openai_stub.push(Reply("a dog"))
-    assert client(openai_stub).chat(pixels, "What is here?", 7) == "a dog"
-    [seen] = openai_stub.seen
-    assert seen.image_url.startswith("data:image/png;base64,")
-    sent = np.asarray(Image.open(io.BytesIO(base64.b64decode(seen.image_url.split(",", 1)[1]))))
-    assert np.array_equal(sent, pixels)  # lossless: the model sees these exact pixels
-    assert seen.prompt == "What is here?"
-    assert (seen.body["model"], seen.body["max_tokens"], seen.body["temperature"]) == ("stub-model", 7, 0.0)
-    assert seen.headers["authorization"] == "Bearer sk-test"
-
-
-def test_a_500_is_retried_by_the_client(openai_stub, pixels):
-    openai_stub.push(Reply(status=500, error="overloaded"), Reply("ok"))
-    assert client(openai_stub, max_retries=1).chat(pixels, "p", 5) == "ok"
-    assert len(openai_stub.seen) == 2
-
-
-@pytest.mark.parametrize("status", [429, 503])
-def test_429_and_5xx_after_the_retries_are_transient(openai_stub, pixels, status):
-    openai_stub.push(*[Reply(status=status, error="busy, try later")] * 3)
-    with pytest.raises(TransientError) as info:
-        client(openai_stub, max_retries=2).chat(pixels, "p", 5)
-    assert f"endpoint {openai_stub.url} (model 'stub-model'): HTTP {status} after 3 attempts: busy, try later" \
-        == str(info.value)
-    assert len(openai_stub.seen) == 3
-
-
-def test_a_400_is_a_failed_precondition_with_the_servers_message_and_no_retry(openai_stub, pixels):
-    openai_stub.push(Reply(status=400, error="The model `stub-model` does not support images"))
-    with pytest.raises(FailedPrecondition, match=r"refused the request \(HTTP 400\): The model `stub-model` "
-                                                 r"does not support images"):
-        client(openai_stub, max_retries=2).chat(pixels, "p", 5)
-    assert len(openai_stub.seen) == 1
-
-
-def test_an_answer_slower_than_the_timeout_is_transient_after_the_retries(openai_stub, pixels):
-    openai_stub.push(Reply("late", delay_s=30), Reply("late", delay_s=30))
-    with pytest.raises(TransientError, match=rf"endpoint {openai_stub.url} .*: no answer within 0.2 s, "
-                                             r"after 2 attempts"):
-        client(openai_stub, timeout_s=0.2, max_retries=1).chat(pixels, "p", 5)
-    assert len(openai_stub.seen) == 2
-
-
-def test_an_unreachable_endpoint_is_transient(pixels):
-    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
-    with pytest.raises(TransientError, match=rf"endpoint {url} \(model 'm'\): cannot connect"):
-        EndpointClient(url, "m", "", 2.0, 0).chat(pixels, "p", 5)
-
-
-@pytest.mark.parametrize("reply, message", [
-    (Reply(""), "is empty"),
-    (Reply("  \n "), "is empty"),
-    (Reply(None), "is empty"),                  # a message without content
-    (Reply("x", choices=0), "has no choice"),   # a completion without choices
-])
-def test_an_empty_or_missing_answer_is_model_output_error(openai_stub, pixels, reply, message):
-    openai_stub.push(reply)
-    with pytest.raises(ModelOutputError, match=rf"^model output of endpoint {openai_stub.url} .*{message}"):
-        client(openai_stub).chat(pixels, "p", 5)
-
-
-def test_choice_logprobs_reads_the_first_tokens_alternatives(openai_stub, pixels):
-    openai_stub.push(Reply("A", logprobs=[("A", -0.1), (" A", -3.0), ("B", -4.0), ("Absent", -5.0)]))
-    scores = client(openai_stub).choice_logprobs(pixels, "A or B?", ["A", "B", "C"])
-    assert scores["A"] == pytest.approx(math.log(math.exp(-0.1) + math.exp(-3.0)))  # "A" and " A"
-    assert scores["B"] == pytest.approx(-4.0)
-    assert scores["C"] == pytest.approx(-5.0)  # not listed: at most the least listed token
-    body = openai_stub.seen[0].body
-    assert (body["logprobs"], body["top_logprobs"], body["max_tokens"]) == (True, 20, 1)
-
-
-def test_choice_logprobs_without_logprobs_is_a_failed_precondition(openai_stub, pixels):
-    openai_stub.push(Reply("A"))  # a server that ignores the logprobs request
-    with pytest.raises(FailedPrecondition, match="endpoint gives no logprobs"):
-        client(openai_stub).choice_logprobs(pixels, "A or B?", ["A", "B"])
-    openai_stub.push(Reply("A", logprobs=[("A", -0.7)], sampled_only=True))  # ... or the top_logprobs one
-    with pytest.raises(FailedPrecondition, match="no top_logprobs alternatives"):
-        client(openai_stub).choice_logprobs(pixels, "A or B?", ["A", "B"])
-
-
-@pytest.mark.parametrize("listed, missing, bound", [
-    ([-0.01, -6.0], 1, -6.0),                                # the least listed token caps it
-    ([-0.01, -6.0], 4, math.log((1 - math.exp(-0.01) - math.exp(-6.0)) / 4)),  # four share what is left
-    ([math.log(0.6), math.log(0.4)], 2, -math.inf),          # the list holds all the mass
-])
-def test_a_choice_missing_from_the_top_list_gets_the_most_it_can_have(listed, missing, bound):
-    assert missing_choice_bound(listed, missing) == pytest.approx(bound)
 
 
 # ---------------------------------------------------------------- the openai backend
