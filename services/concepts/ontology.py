@@ -11,7 +11,13 @@ relation, so one positive with many siblings does not crowd out the others.
 
 Relatives joined to the positive only through the root are never proposed: "animal" for "person"
 or "bird" for "traffic light" share nothing but being things, and are easy negatives, which teach a
-model nothing. A top-level category ("person") gets its lookalikes and attribute swaps only.
+model nothing. A top-level category ("person") gets its lookalikes and attribute swaps only. The
+same holds through a node marked ``loose``, whose children are worn or laid out together ("pants"
+for "tie", both clothing; "fork" for "cup", both kitchenware) or are nothing alike (accessories). Nor
+are group names ("mammal", "tableware": nodes marked ``group``, which organise the tree but name
+nothing one would point at), nor what nearly always shares the picture with a known label, its
+parts and companions (``cooccurs``: "keyboard" for "laptop", "saucer" for "cup"): a hard negative
+claims the object is absent.
 
 Never proposed, against any known label: the label itself, its synonyms, its ancestors (a "taxi"
 is a "car"), its descendants ("car" may be a "taxi"), or the same category with fewer or the
@@ -49,7 +55,9 @@ PARSE_CACHE = 65_536  # phrases remembered by Taxonomy.parse
 class Node:
     """One category. attributes: kind -> values its objects take (own, else inherited).
     ancestors: the names from the root down to the parent. lookalikes: nodes of other branches
-    confused with it (its own, both ways, then its ancestors'), set once the tree is built."""
+    confused with it (its own, both ways, then its ancestors'), set once the tree is built.
+    group: an abstract name, never a negative. cooccurs: names of the nodes that are no negative
+    where it is known (listed both ways, its own and its ancestors'), set once the tree is built."""
 
     name: str
     synonyms: tuple[str, ...]
@@ -58,6 +66,9 @@ class Node:
     ancestors: tuple[str, ...]
     children: list["Node"] = field(default_factory=list)
     lookalikes: list["Node"] = field(default_factory=list)
+    group: bool = False
+    loose: bool = False
+    cooccurs: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -106,9 +117,11 @@ class Taxonomy:
         self.nodes: dict[str, Node] = {}
         self.index: dict[str, Node] = {}  # name or synonym -> node
         self._parsed: dict[str, Concept] = {}  # text -> concept: the same labels and negatives recur
-        self._lookalike_names: list[tuple[Node, str]] = []  # (node, name it lists), resolved below
+        # (node, name it lists) per relation, resolved once the tree is built
+        self._listed: dict[str, list[tuple[Node, str]]] = {"lookalikes": [], "cooccurs": []}
         self.root = self._build(doc["root"], None)
         self._link_lookalikes()
+        self._link_cooccurs()
         # Relatives are asked for on every request: computed once here.
         self.relatives: dict[str, dict[str, list[Node]]] = {name: self._relatives(node)
                                                             for name, node in self.nodes.items()}
@@ -128,7 +141,8 @@ class Taxonomy:
         where = f"{self.source}: node under {parent.name!r}" if parent else f"{self.source}: root"
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise InvalidInput(f"{where} needs a 'name'")
-        shapes = {"synonyms": list, "attributes": dict, "children": list, "lookalikes": list}
+        shapes = {"synonyms": list, "attributes": dict, "children": list, "lookalikes": list, "cooccurs": list,
+                  "group": bool, "loose": bool}
         wrong = [key for key, kind in shapes.items() if not isinstance(spec.get(key, kind()), kind)]
         if wrong:
             raise InvalidInput(f"{where}: {spec['name']!r} needs {', '.join(wrong)} as "
@@ -140,7 +154,8 @@ class Taxonomy:
                 raise InvalidInput(f"{where}: {spec['name']!r} has {kind} values outside the vocabulary: {strays}")
             attributes[kind] = tuple(values)
         ancestors = (parent.ancestors + (parent.name,)) if parent else ()
-        node = Node(spec["name"], tuple(spec.get("synonyms", ())), attributes, parent, ancestors)
+        node = Node(spec["name"], tuple(spec.get("synonyms", ())), attributes, parent, ancestors,
+                    group=spec.get("group", False), loose=spec.get("loose", False))
         for surface in (node.name, *node.synonyms):
             if clean_phrase(surface) != surface:
                 raise InvalidInput(f"{where}: {surface!r} is not a clean phrase ({clean_phrase(surface)!r})")
@@ -148,38 +163,63 @@ class Taxonomy:
                 raise InvalidInput(f"{where}: {surface!r} names both {self.index[surface].name!r} and {node.name!r}")
             self.index[surface] = node
         self.nodes[node.name] = node
-        self._lookalike_names += [(node, name) for name in spec.get("lookalikes", ())]
+        for relation, listed in self._listed.items():
+            listed += [(node, name) for name in spec.get(relation, ())]
         node.children = [self._build(child, node) for child in spec.get("children", ())]
         return node
 
-    def _link_lookalikes(self) -> None:
-        """Resolve the listed lookalikes (names or synonyms), both ways, then append each node's
-        ancestors' (nearest first): a "poodle" is confused with a "stuffed animal" as a "dog" is."""
+    def _both_ways(self, relation: str) -> dict[str, list[Node]]:
+        """Node name -> the nodes ``relation`` links it to, as listed (names or synonyms) and
+        reversed; ``InvalidInput`` for a name of no node, or of the node's own line."""
         own: dict[str, list[Node]] = {name: [] for name in self.nodes}
-        for node, name in self._lookalike_names:
+        for node, name in self._listed[relation]:
             other = self.index.get(name) if isinstance(name, str) else None
             if other is None:
-                raise InvalidInput(f"{self.source}: {node.name!r} lists the lookalike {name!r}, which names no node")
+                raise InvalidInput(f"{self.source}: {node.name!r} lists in {relation} {name!r}, which names no node")
             if self.related(node, other):
-                raise InvalidInput(f"{self.source}: {node.name!r} lists the lookalike {name!r}, which is itself, "
-                                   "an ancestor or a descendant (a lookalike is in another branch)")
+                raise InvalidInput(f"{self.source}: {node.name!r} lists in {relation} {name!r}, which is itself, "
+                                   "an ancestor or a descendant (it must be in another branch)")
             for a, b in ((node, other), (other, node)):
                 if b not in own[a.name]:
                     own[a.name].append(b)
+        return own
+
+    def _chain(self, node: Node) -> list[Node]:
+        """The node, then its ancestors, nearest first."""
+        return [node] + [self.nodes[name] for name in reversed(node.ancestors)]
+
+    def _link_lookalikes(self) -> None:
+        """Each node's lookalikes, then its ancestors' (nearest first): a "poodle" is confused with
+        a "stuffed animal" as a "dog" is."""
+        own = self._both_ways("lookalikes")
         for node in self.nodes.values():
-            chain = [node] + [self.nodes[name] for name in reversed(node.ancestors)]
-            node.lookalikes = list(dict.fromkeys(n for link in chain for n in own[link.name]))
+            node.lookalikes = list(dict.fromkeys(n for link in self._chain(node) for n in own[link.name]))
+
+    def _link_cooccurs(self) -> None:
+        """Each node's companions with its ancestors' ("teacup" has the "saucer" of "cup")."""
+        own = self._both_ways("cooccurs")
+        for node in self.nodes.values():
+            node.cooccurs = frozenset(n.name for link in self._chain(node) for n in own[link.name])
+
+    def cooccur(self, a: Node, b: Node) -> bool:
+        """True when ``a`` (or an ancestor) is a listed companion of ``b`` (or of an ancestor)."""
+        return any(link.name in b.cooccurs for link in self._chain(a))
 
     @staticmethod
     def _relatives(node: Node) -> dict[str, list[Node]]:
-        """Relation -> nodes, the tree's relations only where their common ancestor is not the root."""
+        """Relation -> nodes, the tree's relations only where their common ancestor is neither the
+        root nor loose; group names left out (a group's children still are cousins)."""
+
+        def joins(ancestor: Node | None) -> bool:
+            return ancestor is not None and ancestor.parent is not None and not ancestor.loose
+
         parent = node.parent
         grandparent = parent.parent if parent is not None else None
-        siblings = [n for n in parent.children if n is not node] if grandparent is not None else []
-        uncles = [n for n in grandparent.children if n is not parent] if grandparent is not None and \
-            grandparent.parent is not None else []
-        return {"ontology_sibling": siblings, "ontology_lookalike": list(node.lookalikes),
-                "ontology_cousin": [c for u in uncles for c in u.children], "ontology_uncle": uncles}
+        siblings = [n for n in parent.children if n is not node] if joins(parent) else []
+        uncles = [n for n in grandparent.children if n is not parent] if joins(grandparent) else []
+        relatives = {"ontology_sibling": siblings, "ontology_lookalike": list(node.lookalikes),
+                     "ontology_cousin": [c for u in uncles for c in u.children], "ontology_uncle": uncles}
+        return {reason: [n for n in nodes if not n.group] for reason, nodes in relatives.items()}
 
     def related(self, a: Node, b: Node) -> bool:
         """True when one is the other or an ancestor of it (a synonym names the same node)."""
@@ -226,15 +266,16 @@ def _shipped() -> Taxonomy:
 
 def conflicts(candidate: Concept, known: Concept, taxonomy: Taxonomy) -> bool:
     """True when ``candidate`` must not be a hard negative of the image that holds ``known``:
-    the same text, or a related node (itself, a synonym, an ancestor, a descendant), unless it is
-    the same node with attributes that neither covers ("blue car" against "red car")."""
+    the same text, a related node (itself, a synonym, an ancestor, a descendant), unless it is
+    the same node with attributes that neither covers ("blue car" against "red car"), or a
+    listed companion ("keyboard" where a "laptop" is)."""
     if candidate.text == known.text:
         return True
     if candidate.node is None or known.node is None:
         return False
     if candidate.node is known.node:
         return candidate.covers(known) or known.covers(candidate)
-    return taxonomy.related(candidate.node, known.node)
+    return taxonomy.related(candidate.node, known.node) or taxonomy.cooccur(candidate.node, known.node)
 
 
 class OntologyBackend:

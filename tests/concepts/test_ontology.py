@@ -126,9 +126,12 @@ BAD_TAXONOMIES = {
     "synonyms as text": (_doc(children=[{"name": "cup", "synonyms": "mug"}]), "'cup' needs synonyms as list"),
     "alias to nothing": ({**_doc(), "attribute_aliases": {"navy": "dark blue"}}, "unknown values ['dark blue']"),
     "lookalike of nothing": (_doc(children=[{"name": "cup", "lookalikes": ["grail"]}]),
-                             "'cup' lists the lookalike 'grail', which names no node"),
+                             "'cup' lists in lookalikes 'grail', which names no node"),
     "lookalike in its own line": (_doc(children=[{"name": "cup", "children": [{"name": "teacup", "lookalikes": ["cup"]}]}]),
-                                  "'teacup' lists the lookalike 'cup', which is itself, an ancestor or a descendant"),
+                                  "'teacup' lists in lookalikes 'cup', which is itself, an ancestor or a descendant"),
+    "companion of nothing": (_doc(children=[{"name": "cup", "cooccurs": ["saucers"]}]),
+                             "'cup' lists in cooccurs 'saucers', which names no node"),
+    "group as text": (_doc(children=[{"name": "cup", "group": "yes"}]), "'cup' needs group as bool"),
     "lookalikes as text": (_doc(children=[{"name": "cup", "lookalikes": "mug"}]), "'cup' needs lookalikes as list"),
 }
 
@@ -251,6 +254,37 @@ def test_no_relative_joined_only_through_the_root(backend, raw):
             node, _ = raw.read(text)
             shared = (raw.ancestors(node) | {node}) & (raw.ancestors(name) | {name})
             assert shared - {root}, f"{text!r} ({reason}) for {name!r} shares only the root"
+
+
+# a known label -> negatives it must never get: its parts and companions, listed either way
+COMPANIONS = {
+    "laptop": {"keyboard", "computer mouse"},
+    "keyboard": {"laptop", "desktop computer"},       # listed on the computers, both ways
+    "tennis racket": {"tennis ball"},
+    "teacup": {"saucer", "teapot"},                   # a cup's companions, inherited
+    "fork": {"knife", "spoon", "plate"},
+    "tv": {"remote"},
+}
+
+
+@pytest.mark.parametrize("label", sorted(COMPANIONS))
+def test_companions_are_never_negatives(backend, label):
+    texts = {t for t, _ in negatives(backend, [label], 200)}
+    assert texts and not COMPANIONS[label] & texts, COMPANIONS[label] & texts
+
+
+def test_group_names_are_never_negatives(backend):
+    doc = json.loads(resources.files("services.concepts.data").joinpath("taxonomy.json").read_text())
+    groups, stack = set(), [doc["root"]]
+    while stack:
+        node = stack.pop()
+        if node.get("group"):
+            groups.add(node["name"])
+        stack.extend(node.get("children", []))
+    assert {"mammal", "tableware", "footwear"} <= groups
+    for label in ("bird", "elephant", "tv", "bed", "tie", "hair drier", "dog", "cup"):
+        texts = {t for t, _ in negatives(backend, [label], 200)}
+        assert texts and not groups & texts, (label, groups & texts)
 
 
 # -- property: over many positives drawn from the whole taxonomy ------------------------------
