@@ -31,8 +31,9 @@ def concepts(
     """Propose noun phrases and hard negatives for IMAGE; prints the proposal as JSON.
 
     Exit status 2 for bad input (a missing or unreadable image, an empty label, an unknown
-    backend), 1 when the backend fails (a model that times out).
+    backend), 1 when the backend fails (a model that times out, or answers no proposal).
     """
+    from services.common.mllm import ModelOutputError
     from services.concepts.core import ConceptsCore
     from services.embedder.types import ImageSource
 
@@ -46,10 +47,15 @@ def concepts(
     try:
         core = ConceptsCore(backend or settings.concepts_backend, None, settings.max_image_pixels, settings)
         proposal = core.propose(source, label, max_positives, max_negatives)
+    except ModelOutputError as exc:  # the model's fault, not the caller's
+        fail(str(exc), code=1)
     except (InvalidInput, NotFound) as exc:
         fail(str(exc))
     except DataEngineError as exc:
         fail(str(exc), code=1)
+    if not label and not core.backend.needs_pixels:
+        typer.echo(f"note: no --label given; the {core.backend.name} backend proposes only from known labels",
+                   err=True)
     typer.echo(json.dumps(proposal.to_json(), indent=2))
 
 

@@ -1,9 +1,11 @@
 """The concepts core: an image and its known labels in, a ``Proposal`` (noun phrases and hard
 negatives) out. The gRPC servicer, the pipeline step and the embedded runner all call this class.
 
-Backends sit behind one interface, ``ConceptBackend``, in the registry ``BACKENDS``. The offline
-default, ``labels``, proposes exactly the item's known labels; LLM/MLLM backends (which look at
-the pixels and propose hard negatives) plug in behind the same interface.
+Backends sit behind one interface, ``ConceptBackend``, in the registry ``BACKENDS``: the offline
+default ``ontology`` (known labels and hard negatives from a taxonomy), ``labels`` (the known labels
+alone), and the multimodal models ``openai`` and ``transformers``, which look at the pixels. Every
+backend's proposal is cleaned the same way (``phrases.clean_proposal``), and its hard negatives
+read against the taxonomy (``ontology.drop_contradictions``).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import numpy as np
 
 from services.common.concepts import NounPhrase, Proposal
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound
-from services.common.images import decode_image
+from services.common.images import decode_image, image_size
 from services.common.settings import Settings
 from services.common.storage import ObjectStore, open_store
+from services.concepts.ontology import Taxonomy, drop_contradictions
 from services.concepts.phrases import clean_labels, clean_proposal
 from services.embedder.types import ImageSource
 
@@ -105,6 +108,7 @@ class ConceptsCore:
         self.backend = default
         self.store = store
         self.max_pixels = max_pixels
+        self._taxonomy: Taxonomy | None = None  # read on first use (the ontology backend shares the shipped one)
         # Other backends are built on first request and kept: a model backend loads its weights once.
         self._backends: dict[str, ConceptBackend] = {default.name: default}
         self._lock = threading.Lock()
@@ -128,10 +132,12 @@ class ConceptsCore:
                 max_negatives: int = 0, backend: str = "") -> Proposal:
         """Propose concepts for ``image`` (encoded bytes, an object key or an ``ImageSource``).
 
-        The image is decoded only if the backend reads pixels; an object key is always checked
-        to exist (``NotFound``), so a typo fails here and not two stages later. Known labels are
-        cleaned before the backend sees them, and every backend's proposal after (``phrases``):
-        lower-case, singular, no possessives or repeats, no phrase both positive and negative.
+        The image is decoded only if the backend reads pixels; otherwise its header is still
+        read, so a missing key (``NotFound``) or an unreadable file (``InvalidInput``) fails here
+        and not two stages later. Known labels are cleaned before the backend sees them, and every
+        backend's proposal after (``phrases``): lower-case, singular, no possessives or repeats, no
+        phrase both positive and negative, no negative that is a known label or a positive, or
+        its synonym, ancestor, descendant or companion in the taxonomy.
         max_positives, max_negatives: caps, 0 for the settings' ``concepts_max_positives`` and
         ``concepts_max_negatives``. An empty label list is a valid request.
         """
@@ -143,15 +149,28 @@ class ConceptsCore:
         pixels = self._read(ImageSource.of(image), chosen.needs_pixels)
         positives = max_positives or self.settings.concepts_max_positives
         negatives = max_negatives or self.settings.concepts_max_negatives
-        return clean_proposal(chosen.propose(pixels, labels, positives, negatives), positives, negatives)
+        # Cleaned without the negatives' cap: contradictions go first, the cap counts what is left.
+        cleaned = clean_proposal(chosen.propose(pixels, labels, positives, negatives), positives, 1 << 30)
+        return drop_contradictions(cleaned, labels, self.taxonomy(), negatives)
+
+    def taxonomy(self) -> Taxonomy:
+        """The taxonomy of the settings (``concepts_taxonomy``, else the shipped one), read once."""
+        if self._taxonomy is None:
+            self._taxonomy = Taxonomy.load(self.settings.concepts_taxonomy)
+        return self._taxonomy
 
     def _read(self, source: ImageSource, decode: bool) -> np.ndarray | None:
+        """HxWx3 uint8 RGB pixels when ``decode``, else None once the header has been read."""
         name = source.describe(0)
         if source.key is not None and self.store is None:
             raise FailedPrecondition(f"{name}: this concepts core has no object store to read keys from")
+        data = source.data
+        if data is None:
+            try:
+                data = self.store.get(source.key)
+            except NotFound:
+                raise NotFound(f"{name} not found in the object store") from None
         if not decode:
-            if source.key is not None and not self.store.exists(source.key):
-                raise NotFound(f"{name} not found in the object store")
+            image_size(data, self.max_pixels, name)  # InvalidInput naming the image if it is no image
             return None
-        data = source.data if source.data is not None else self.store.get(source.key)
         return decode_image(data, self.max_pixels, name=name).pixels

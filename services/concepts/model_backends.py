@@ -221,8 +221,8 @@ class ModelConcepts:
                 answer = self.answer(pixels, repair)
                 proposal = parse_proposal(answer, pixels.shape[:2], self.source)
             except ModelOutputError as second:
-                raise InvalidInput(f"{second} (after one repair attempt; the answer, {len(answer)} characters, "
-                                   f"began {answer[:QUOTE_CHARS]!r})") from None
+                raise ModelOutputError(f"{second} (after one repair attempt; the answer, {len(answer)} characters, "
+                                       f"began {answer[:QUOTE_CHARS]!r})") from None
         return Proposal(proposal.phrases[:positives], proposal.hard_negatives[:negatives])
 
 

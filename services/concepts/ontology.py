@@ -278,6 +278,19 @@ def conflicts(candidate: Concept, known: Concept, taxonomy: Taxonomy) -> bool:
     return taxonomy.related(candidate.node, known.node) or taxonomy.cooccur(candidate.node, known.node)
 
 
+def drop_contradictions(proposal: Proposal, known_labels: Sequence[str], taxonomy: Taxonomy,
+                        max_negatives: int) -> Proposal:
+    """``proposal`` without the hard negatives that contradict what is in the image, read
+    against ``taxonomy``: a known label or a positive, its synonym ("puppy" for "dog"), ancestor
+    ("animal"), descendant or listed companion (``conflicts``); then capped at ``max_negatives``.
+    A phrase the taxonomy does not know contradicts only its own text. For every backend: a
+    model may well propose the label it was told is there as a negative."""
+    present = [taxonomy.parse(text) for text in (*known_labels, *(p.text for p in proposal.phrases))]
+    kept = [n for n in proposal.hard_negatives
+            if not any(conflicts(taxonomy.parse(n.text), known, taxonomy) for known in present)]
+    return Proposal(proposal.phrases, kept[:max(max_negatives, 0)])
+
+
 class OntologyBackend:
     """Positives: the known labels (score 1.0, image-level). Hard negatives: see the module docstring.
 

@@ -174,6 +174,44 @@ def test_a_pixel_backend_rejects_bad_images_clearly(local_store, name):
         core.propose(data, ["cat"])
 
 
+# images whose header is unreadable; a truncated body is for the backends that decode (the
+# embed step decodes every image of the pipeline)
+UNREADABLE = ("zero_bytes", "not_an_image", "truncated_jpeg_header", "bomb_header")
+
+
+@pytest.mark.parametrize("name", UNREADABLE)
+@pytest.mark.parametrize("backend", ["ontology", "labels"])
+def test_backends_that_ignore_pixels_still_refuse_what_is_no_image(local_store, backend, name):
+    data, phrase = BAD_IMAGES[name]
+    local_store.put("uploads/bad", data)
+    core = ConceptsCore(backend, local_store, max_pixels=100_000)
+    with pytest.raises(InvalidInput, match=phrase):
+        core.propose(data, ["cat"])
+    with pytest.raises(InvalidInput, match=r"key 'uploads/bad'"):
+        core.propose("uploads/bad", ["cat"])
+
+
+class TellingBackend:
+    """A model backend that proposes what it is told, as a model may: the known label itself
+    as a negative, its plural, its parent, its synonym, its companion, and one real negative."""
+
+    name = "telling"
+    needs_pixels = False
+
+    def propose(self, pixels, known_labels, max_positives, max_negatives) -> Proposal:
+        texts = ["dogs", "animal", "puppy", "golden retriever", "keyboard", "wolf", "zorb", "fox"]
+        return Proposal([NounPhrase("laptop", 0.9, self.name)], [HardNegative(t, "model", 0.5, self.name)
+                                                                 for t in texts])
+
+
+def test_no_backend_may_propose_what_the_image_holds_as_a_negative(local_store):
+    proposal = ConceptsCore(TellingBackend(), local_store).propose(png(), ["dog"], 0, 2)
+    assert [p.text for p in proposal.phrases] == ["laptop"]
+    # dog, its parent, synonym and child are in the image, the laptop's keyboard too; the cap of
+    # 2 counts what is left
+    assert [n.text for n in proposal.hard_negatives] == ["wolf", "zorb"]
+
+
 def test_core_from_settings(tmp_path):
     core = ConceptsCore.from_settings(Settings(store="local", store_root=tmp_path / "s"))
     assert core.backend.name == "ontology" and core.store is not None

@@ -401,9 +401,24 @@ BAD_COMMANDS = {
     "missing image": (("--backend", "ontology"), "none.png", 2, "none.png does not exist"),
     "unknown backend": (("--backend", "gpt-9"), "a.png", 2, "unknown concepts backend 'gpt-9'"),
     "unreadable image": (("--backend", "pixels"), "broken.png", 2, "broken.png"),
+    "unreadable image, ontology": (("--backend", "ontology", "--label", "dog"), "broken.png", 2, "broken.png"),
     "label naming nothing": (("--backend", "ontology", "--label", "the"), "a.png", 2, "names nothing"),
     "negative cap": (("--max-negatives", "-1"), "a.png", 2, "--max-negatives"),
 }
+
+
+def test_concepts_command_without_labels_says_why_the_ontology_proposes_nothing(cli, tmp_path):
+    result = cli("concepts", tmp_path / "a.png", "--backend", "ontology")
+    assert result.exit_code == 0 and json.loads(result.stdout) == {"phrases": [], "hard_negatives": []}
+    assert "no --label given; the ontology backend proposes only from known labels" in result.stderr
+
+
+def test_concepts_command_exits_1_when_the_model_answers_no_proposal(cli, tmp_path, tiny_mllm_dir, monkeypatch):
+    monkeypatch.setenv("DATAENGINE_CONCEPTS_MODEL_DIR", str(tiny_mllm_dir))
+    monkeypatch.setenv("DATAENGINE_MLLM_MAX_NEW_TOKENS", "16")
+    result = cli("concepts", tmp_path / "a.png", "--backend", "transformers")
+    assert result.exit_code == 1  # the backend failed, not the caller
+    assert "modeloutputoftransformers:" in "".join(result.output.split()), result.output  # the console wraps
 
 
 @pytest.mark.parametrize("case", sorted(BAD_COMMANDS))
