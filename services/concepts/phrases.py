@@ -1,8 +1,9 @@
 """Noun-phrase cleaning, applied to the caller's known labels and to every backend's proposal.
 
 A clean phrase is lower-case, its head noun singular, without possessives, leading articles,
-determiners or numbers, with single spaces and no punctuation around it:
-"The Dogs' Bowls." -> "dog bowl", "two wine glasses" -> "wine glass", "people on bikes" -> "person on bikes".
+determiners, numbers or quantities, with single spaces and no punctuation around it, "grey" for
+"gray": "The Dogs' Bowls." -> "dog bowl", "two wine glasses" -> "wine glass", "people on bikes" ->
+"person on bikes", "3 gray cats" -> "grey cat", "lots of people" -> "person".
 Later stages key their results by phrase text, so two spellings of one concept must become one
 string, and a phrase proposed both present and absent would contradict itself.
 """
@@ -23,6 +24,12 @@ LEADING_WORDS = frozenset((
     "my your his her its our their one two three four five six seven eight nine ten eleven twelve"
 ).split())
 
+# Dropped from the front with the "of" after them: an amount, not the object ("a couple of dogs").
+QUANTITIES = frozenset("couple lot lots plenty number dozen dozens handful".split())
+
+# One spelling per word, so "gray cat" and "grey cat" are one phrase (the taxonomy's spelling).
+SPELLINGS = {"gray": "grey"}
+
 # The head noun of "cup of coffee" or "man in red shirt" is the word before the first of these.
 PREPOSITIONS = frozenset((
     "of in on with without at near next by for from into onto over above below under underneath "
@@ -36,7 +43,9 @@ KEEP_AS_IS = frozenset((
     "rhinoceros dice species series news means "
     "glasses sunglasses eyeglasses spectacles goggles binoculars scissors pliers tongs tweezers "
     "pants jeans shorts trousers sweatpants tights leggings overalls pajamas pyjamas clothes "
-    "headphones earphones stairs"
+    "headphones earphones stairs "
+    "thermos gps goods bias paris texas chaos cosmos pancreas billiards gymnastics athletics electronics "
+    "physics mathematics data"
 ).split())
 
 # Plurals inflect gets wrong or that look singular here: nouns ending in "u" take "us", which
@@ -94,9 +103,11 @@ def _strip_punctuation(text: str) -> str:
 
 
 def _drop_possessive(word: str) -> tuple[str, bool]:
-    """("dogs", True) for "dogs'", ("child", True) for "child's"; the word and whether it was a possessive."""
+    """("dogs", True) for "dogs'", ("children", True) for "children's", ("james", False) for
+    "james's": the word, and whether it may be a plural possessor (whose singular is wanted). Before
+    "'s" only an irregular plural is ("men's"); a word ending in "s" there is singular ("boss's")."""
     if word.endswith("'s") and len(word) > 2:
-        return word[:-2], True
+        return word[:-2], not word[:-2].endswith("s")
     if word.endswith("s'") and len(word) > 2:
         return word[:-1], True
     return word, False
@@ -118,17 +129,30 @@ def _clean(text: str) -> str:
     for raw in _strip_punctuation(" ".join(text.split())).split():
         if raw in ("'s", "'"):  # a possessive split off by a tokenizer: "dog 's bowl"
             continue
-        word, possessive = _drop_possessive(raw)
+        word, plural_possessor = _drop_possessive(raw)
         # A possessor becomes a noun modifier, singular as in "dog bowl", "child seat".
-        words.append(singular(word, words[-1] if words else "") if possessive else word)
-    while words and words[0] in LEADING_WORDS:
-        words.pop(0)
-    words = _strip_punctuation(" ".join(words)).split()
+        words.append(singular(word, words[-1] if words else "") if plural_possessor else word)
+    words = _drop_leading(words)
     if not words:
         return ""
+    words = [SPELLINGS.get(w, w) for w in words]
     head = next((i - 1 for i, w in enumerate(words) if i > 0 and w in PREPOSITIONS), len(words) - 1)
+    if words[head] == "glasses" and head + 1 < len(words) and words[head + 1] == "of":  # "glasses of water"
+        words[head] = "glass"
     words[head] = singular(words[head], words[head - 1] if head > 0 else "")
     return " ".join(words)
+
+
+def _drop_leading(words: list[str]) -> list[str]:
+    """Without the counting words in front: articles, determiners, numbers ("2", "two") and
+    amounts ("a couple of", "lots of"), until the words that name the object."""
+    while True:
+        while words and (words[0] in LEADING_WORDS or words[0].isdigit()):
+            words = words[1:]
+        if len(words) > 2 and words[0] in QUANTITIES and words[1] == "of":
+            words = words[2:]
+            continue
+        return _strip_punctuation(" ".join(words)).split()
 
 
 def clean_labels(known_labels: Sequence[str]) -> list[str]:

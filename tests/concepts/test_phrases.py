@@ -53,6 +53,17 @@ CLEAN_CASES = {
     "an apple": "apple",
     "A few apples": "apple",                             # determiners and numbers
     "two dogs": "dog",
+    "2 dogs": "dog",                                     # digits count too
+    "a couple of dogs": "dog",                           # amounts
+    "lots of people": "person",
+    "dozens of eggs": "egg",
+    "number 10 bus": "number 10 bus",                    # ... but a number inside names the object
+    "glasses of water": "glass of water",                # glassware: a drink follows
+    "James's car": "james car",                          # a singular possessor ending in "s"
+    "men's shoes": "man shoe",                           # an irregular plural possessor
+    "gray cats": "grey cat",                             # one spelling per concept
+    "thermos": "thermos",                                # singulars inflect would cut
+    "gps": "gps",
     "\"the cat.\"": "cat",                               # punctuation around the phrase
     "(hot dogs!)": "hot dog",
     "t-shirts": "t-shirt",                               # inner punctuation stays
