@@ -49,6 +49,10 @@ RELATION_SCORES: dict[str, float] = {"ontology_sibling": 0.9, "ontology_lookalik
 # Word order of carried attributes, as English puts them: "red striped wooden chair".
 KIND_ORDER = ("colour", "pattern", "material")
 PARSE_CACHE = 65_536  # phrases remembered by Taxonomy.parse
+# "slice of pizza" is pizza: the concept is what follows "of" (the text stays as written).
+PARTITIVES = frozenset("slice piece pair bunch stack pile herd flock group".split())
+# Words that end the head noun as a preposition does: "dog that is sleeping" is a dog.
+RELATIVES = frozenset("that which who whose".split())
 
 
 @dataclass(eq=False)
@@ -237,15 +241,26 @@ class Taxonomy:
 
     def _parse(self, text: str) -> Concept:
         words = text.split()
-        # A name may hold a preposition ("chest of drawers"): tails end before any preposition or
-        # at the end, longest first; they start within the head ("man in red shirt" is a man).
-        ends = [len(words)] + [i for i in range(len(words) - 1, 0, -1) if words[i] in PREPOSITIONS]
+        if len(words) > 2 and words[0] in PARTITIVES and words[1] == "of":
+            rest = self._parse(" ".join(words[2:]))
+            if rest.node is not None:  # the amount narrows the concept, as a modifier does
+                return Concept(text, rest.node, tuple((i + 2, kind, value) for i, kind, value in rest.slots),
+                               rest.modifiers | {words[0]})
+        # A name may hold a preposition ("chest of drawers"): tails end before any preposition,
+        # relative pronoun or participle that follows a name ("man riding a horse" is a man), or at
+        # the end, longest first; they start within the head ("man in red shirt" is a man).
+        ends = [len(words)] + [i for i in range(len(words) - 1, 0, -1) if words[i] in PREPOSITIONS
+                               or words[i] in RELATIVES or (words[i].endswith("ing") and self._names_tail(words[:i]))]
         for start in range(ends[-1]):
             for end in ends:
                 node = self.index.get(" ".join(words[start:end]))
                 if node is not None:
                     return self._read(text, words, start, end, node)
         return Concept(text)
+
+    def _names_tail(self, words: list[str]) -> bool:
+        """True when the last words name a node ("man" in "old man", before "riding")."""
+        return any(" ".join(words[k:]) in self.index for k in range(len(words)))
 
     def _read(self, text: str, words: list[str], start: int, end: int, node: Node) -> Concept:
         slots, modifiers = [], set(words[end:])

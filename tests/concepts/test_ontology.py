@@ -179,7 +179,11 @@ KNOWN_CASES = {
     "chests of drawers": ({"wardrobe", "bookcase"}, {"dresser", "bureau", "storage furniture", "furniture"}),
     "man in red shirt": ({"woman", "girl"}, {"man", "guy", "adult", "person"}),
     "sunglasses": ({"goggles"}, {"sunglasses", "eyewear", "accessory"}),
-    "teddy bear": ({"stuffed bunny", "doll"}, {"stuffed animal", "toy"}),
+    "teddy bear": ({"stuffed bunny", "bear"}, {"stuffed animal", "toy"}),
+    "man riding a horse": ({"woman", "boy"}, {"man", "person", "zebra"}),  # a participle ends the head
+    "dog that is sleeping": ({"wolf", "fox"}, {"dog", "puppy"}),             # so does a relative pronoun
+    "slice of pizza": ({"hamburger", "sandwich"}, {"pizza"}),               # an amount of pizza is pizza
+    "wooden building with windows": ({"wooden tower"}, {"building", "wooden building"}),
 }
 
 
