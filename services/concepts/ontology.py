@@ -73,6 +73,7 @@ class Node:
     group: bool = False
     loose: bool = False
     cooccurs: frozenset[str] = frozenset()
+    lineage: frozenset[str] = frozenset()  # its name and its ancestors'
 
 
 @dataclass(frozen=True)
@@ -203,11 +204,13 @@ class Taxonomy:
         """Each node's companions with its ancestors' ("teacup" has the "saucer" of "cup")."""
         own = self._both_ways("cooccurs")
         for node in self.nodes.values():
+            node.lineage = frozenset((node.name, *node.ancestors))
             node.cooccurs = frozenset(n.name for link in self._chain(node) for n in own[link.name])
 
-    def cooccur(self, a: Node, b: Node) -> bool:
+    @staticmethod
+    def cooccur(a: Node, b: Node) -> bool:
         """True when ``a`` (or an ancestor) is a listed companion of ``b`` (or of an ancestor)."""
-        return any(link.name in b.cooccurs for link in self._chain(a))
+        return not a.lineage.isdisjoint(b.cooccurs)
 
     @staticmethod
     def _relatives(node: Node) -> dict[str, list[Node]]:
