@@ -27,11 +27,13 @@ def concepts(
                                       help="Most noun phrases (0: DATAENGINE_CONCEPTS_MAX_POSITIVES)."),
     max_negatives: int = typer.Option(0, "--max-negatives", min=0,
                                       help="Most hard negatives (0: DATAENGINE_CONCEPTS_MAX_NEGATIVES)."),
+    more_labels: Optional[list[str]] = typer.Argument(None, hidden=True, metavar="[PHRASE ...]"),
 ) -> None:
     """Propose noun phrases and hard negatives for IMAGE; prints the proposal as JSON.
 
     Exit status 2 for bad input (a missing or unreadable image, an empty label, an unknown
     backend), 1 when the backend fails (a model that times out, or answers no proposal).
+    Several labels: --labels dog frisbee, or --label dog --label frisbee.
     """
     from services.common.mllm import ModelOutputError
     from services.concepts.core import ConceptsCore
@@ -39,6 +41,8 @@ def concepts(
 
     if not image.is_file():
         fail(f"{image} does not exist or is not a file")
+    # Click options take one value each: the phrases after the first --labels arrive as arguments.
+    label = [*label, *(more_labels or [])]
     settings = make_settings()
     try:
         source = ImageSource(data=image.read_bytes(), filename=str(image))  # errors name the file

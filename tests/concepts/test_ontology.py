@@ -398,6 +398,8 @@ def test_concepts_command_prints_the_proposal_as_json(cli, tmp_path):
     proposal = Proposal.from_json(json.loads(result.stdout))
     assert [p.text for p in proposal.phrases] == ["yellow taxi", "dog"]
     assert [n.text for n in proposal.hard_negatives] == ["police car", "wolf", "yellow sports car"]
+    listed = cli("concepts", tmp_path / "a.png", "--labels", "Yellow Taxis", "dog", "--max-negatives", "3")
+    assert listed.exit_code == 0 and json.loads(listed.stdout) == json.loads(result.stdout)  # as the issue writes it
 
 
 # arguments (after the image) -> (image file, exit code, phrase in the output)
