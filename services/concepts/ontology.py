@@ -28,6 +28,7 @@ negatives come from the category its head noun names ("rusty old tractor" -> "tr
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -53,6 +54,8 @@ PARSE_CACHE = 65_536  # phrases remembered by Taxonomy.parse
 PARTITIVES = frozenset("slice piece pair bunch stack pile herd flock group".split())
 # Words that end the head noun as a preposition does: "dog that is sleeping" is a dog.
 RELATIVES = frozenset("that which who whose".split())
+COORDINATORS = frozenset(("and", "or", "&"))
+_COORDINATION = re.compile(r"\s+(?:and|or|&)\s+")
 
 
 @dataclass(eq=False)
@@ -261,6 +264,20 @@ class Taxonomy:
                     return self._read(text, words, start, end, node)
         return Concept(text)
 
+    def present(self, texts: Sequence[str]) -> list[Concept]:
+        """What phrases known to be in an image say is there: each phrase as read, and each side
+        of a coordination of things ("dogs and cats" also names "dog" and "cat"; "red and white
+        bus", whose "red" names nothing, is one bus). The sides only block negatives; they make
+        none, as "fish and chips" is no fish."""
+        concepts = []
+        for text in texts:
+            concepts.append(self.parse(text))
+            if any(word in COORDINATORS for word in text.split()):
+                sides = [self.parse(clean_phrase(side)) for side in _COORDINATION.split(text)]
+                if all(side.node is not None for side in sides):
+                    concepts += sides
+        return concepts
+
     def _names_tail(self, words: list[str]) -> bool:
         """True when the last words name a node ("man" in "old man", before "riding")."""
         return any(" ".join(words[k:]) in self.index for k in range(len(words)))
@@ -303,7 +320,7 @@ def drop_contradictions(proposal: Proposal, known_labels: Sequence[str], taxonom
     ("animal"), descendant or listed companion (``conflicts``); then capped at ``max_negatives``.
     A phrase the taxonomy does not know contradicts only its own text. For every backend: a
     model may well propose the label it was told is there as a negative."""
-    present = [taxonomy.parse(text) for text in (*known_labels, *(p.text for p in proposal.phrases))]
+    present = taxonomy.present([*known_labels, *(p.text for p in proposal.phrases)])
     kept = [n for n in proposal.hard_negatives
             if not any(conflicts(taxonomy.parse(n.text), known, taxonomy) for known in present)]
     return Proposal(proposal.phrases, kept[:max(max_negatives, 0)])
@@ -342,6 +359,7 @@ class OntologyBackend:
                 known.append(concept)
         kept = known[:positives_cap]
         phrases = [NounPhrase(c.text, 1.0, self.name) for c in kept]
+        present = self.taxonomy.present([c.text for c in known])
         negatives: list[HardNegative] = []
         seen = set()
         for reason, text in self._ranked(kept):
@@ -353,7 +371,7 @@ class OntologyBackend:
             # Checked as the taxonomy reads the text ("brown" + "bear" is the node "brown bear"), and
             # against every known label, even one beyond the positives' cap: it is in the image.
             candidate = self.taxonomy.parse(text)
-            if not any(conflicts(candidate, k, self.taxonomy) for k in known):
+            if not any(conflicts(candidate, k, self.taxonomy) for k in present):
                 negatives.append(HardNegative(text, reason, RELATION_SCORES[reason], self.name))
         return Proposal(phrases, negatives)
 

@@ -140,6 +140,9 @@ def _clean(text: str) -> str:
     if words[head] == "glasses" and head + 1 < len(words) and words[head + 1] == "of":  # "glasses of water"
         words[head] = "glass"
     words[head] = singular(words[head], words[head - 1] if head > 0 else "")
+    for i in range(head - 1):  # each side of a coordination is a head too: "dogs and cats"
+        if words[i + 1] in ("and", "or", "&"):
+            words[i] = singular(words[i], words[i - 1] if i > 0 else "")
     return " ".join(words)
 
 

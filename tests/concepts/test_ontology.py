@@ -184,6 +184,7 @@ KNOWN_CASES = {
     "dog that is sleeping": ({"wolf", "fox"}, {"dog", "puppy"}),             # so does a relative pronoun
     "slice of pizza": ({"hamburger", "sandwich"}, {"pizza"}),               # an amount of pizza is pizza
     "wooden building with windows": ({"wooden tower"}, {"building", "wooden building"}),
+    "dogs and cats": ({"lion", "wolf"}, {"dog", "cat", "puppy", "kitten"}),  # both sides are in the image
 }
 
 

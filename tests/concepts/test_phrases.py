@@ -64,6 +64,8 @@ CLEAN_CASES = {
     "gray cats": "grey cat",                             # one spelling per concept
     "thermos": "thermos",                                # singulars inflect would cut
     "gps": "gps",
+    "dogs and cats": "dog and cat",                      # both sides of a coordination
+    "knives or forks": "knife or fork",
     "\"the cat.\"": "cat",                               # punctuation around the phrase
     "(hot dogs!)": "hot dog",
     "t-shirts": "t-shirt",                               # inner punctuation stays
