@@ -50,6 +50,7 @@ class LocalModel:
         # Only the last position's logits are needed to score choices; asking the model for just
         # those saves a (sequence x vocabulary) float tensor, ~600 MB for Qwen2.5-VL on a big image.
         self._keeps_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._choice_cache: dict[tuple[str, ...], dict[str, list[int]]] = {}
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", timeout_s: float = 60.0) -> "LocalModel":
@@ -124,6 +125,20 @@ class LocalModel:
         ``InvalidInput`` when a choice has no token, or two choices start with the same one."""
         if not choices:
             raise InvalidInput("choice_logits needs at least one choice")
+        token_ids = self._choice_ids(tuple(choices))
+        extra = {"logits_to_keep": 1} if self._keeps_last else {}
+        with self._lock:
+            inputs = self._inputs(pixels, prompt)
+            with torch.inference_mode():
+                logits = self.model(**inputs, **extra).logits[0, -1].float()
+        return {choice: float(torch.logsumexp(logits[ids], dim=0)) for choice, ids in token_ids.items()}
+
+    def _choice_ids(self, choices: tuple[str, ...]) -> dict[str, list[int]]:
+        """Choice -> the ids of its first token, bare and spaced (see ``choice_logits``); worked
+        out once per set of choices, as every question of a check asks the same letters."""
+        known = self._choice_cache.get(choices)
+        if known is not None:
+            return known
         tokenizer = self.processor.tokenizer
         token_ids: dict[str, list[int]] = {}
         owner: dict[int, str] = {}
@@ -141,9 +156,5 @@ class LocalModel:
                     raise InvalidInput(f"choices {owner[i]!r} and {choice!r} both start with token {i} of "
                                        f"{self.name}: the model's answer cannot tell them apart")
             token_ids[choice] = ids
-        extra = {"logits_to_keep": 1} if self._keeps_last else {}
-        with self._lock:
-            inputs = self._inputs(pixels, prompt)
-            with torch.inference_mode():
-                logits = self.model(**inputs, **extra).logits[0, -1].float()
-        return {choice: float(torch.logsumexp(logits[ids], dim=0)) for choice, ids in token_ids.items()}
+        self._choice_cache[choices] = token_ids
+        return token_ids
