@@ -7,7 +7,10 @@ SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: setup test test-fast protos bench
 
 setup:
-	@command -v redis-server >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server; }
+	@# redis-server for the queues; Debian's chromium for the studio's browser tests (Playwright drives it,
+	@# no browser download).
+	@{ command -v redis-server && command -v chromium; } >/dev/null || \
+		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server chromium; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'

@@ -84,7 +84,8 @@ def _orchestrator() -> ServiceParts:
         return Orchestrator(
             open_store(settings), RedisIndex(settings.broker_url), CeleryDispatcher(create_celery(settings)),
             Thresholds(settings.accept_threshold, settings.review_threshold), dict(settings.amg_params),
-            queue_depths=lambda: queue_depths(settings.broker_url, QUEUES))
+            queue_depths=lambda: queue_depths(settings.broker_url, QUEUES),
+            lease_s=settings.review_lease_s, audit_rate=settings.audit_rate)
 
     return ServiceParts(make, servicer.add_to_server, tasks.register_tasks)
 

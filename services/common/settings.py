@@ -70,6 +70,15 @@ class Settings(BaseSettings):
     mllm_max_retries: int = Field(2, ge=0)  # endpoint retries on timeouts, 429 and 5xx
     mllm_max_new_tokens: int = Field(1536, ge=1)  # a 40-phrase JSON answer is ~1,000 tokens
 
+    # Human review (the studio): a claim expires this long after its last heartbeat; a share of the
+    # human-accepted items goes to a second annotator (audit)
+    review_lease_s: float = Field(600.0, gt=0)
+    audit_rate: float = Field(0.05, ge=0.0, le=1.0)
+    # Studio: its HTTP port, and in a deployment the gRPC servers it is a client of
+    studio_port: int = 8080
+    orchestrator_address: str = "localhost:50055"
+    decoder_address: str = "localhost:50052"
+
     # Input limits
     max_image_pixels: int = Field(89_478_485, ge=1)  # Pillow's decompression-bomb limit
     max_message_bytes: int = Field(64 * MiB, ge=1 * MiB)  # gRPC send/receive limit

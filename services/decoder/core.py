@@ -193,8 +193,12 @@ class DecoderCore:
         if prompt.box is not None:
             box = self.transform.apply_boxes(prompt.box[None], stored.original_size)
             boxes = torch.as_tensor(box, dtype=torch.float32, device=device)
-        mask = prompt.mask_input if prompt.mask_input is not None else (
-            self._read_logits(prompt.mask_input_key, stored)[:1] if prompt.mask_input_key else None)
+        mask = prompt.mask_input
+        if prompt.mask_input_key:
+            earlier, i = self._read_logits(prompt.mask_input_key, stored), prompt.mask_input_index
+            if i >= len(earlier):
+                raise InvalidInput(f"mask_input_index {i} is out of range: that Predict returned {len(earlier)} masks")
+            mask = earlier[i:i + 1]
         if mask is not None:
             mask_input = torch.as_tensor(mask[None], dtype=torch.float32, device=device)
         clock.lap("load")

@@ -28,7 +28,8 @@ class Prompt:
         for a crop embedding). labels: N int32, 1 foreground, 0 background.
     box: 4 float32 XYXY pixels in the same frame, or None.
     mask_input: 1x256x256 float32 low-res logits (inline), or None.
-    mask_input_key: object key of an earlier Predict's logits (its best mask is used), or None.
+    mask_input_key: object key of an earlier Predict's logits, or None.
+    mask_input_index: which of that Predict's masks (best first) to feed back; 0 its best.
     multimask_output: three masks instead of one.
 
     Points and boxes outside the image are rejected rather than clipped: a click outside the
@@ -43,6 +44,7 @@ class Prompt:
     mask_input: np.ndarray | None = None
     mask_input_key: str | None = None
     multimask_output: bool = True
+    mask_input_index: int = 0
 
     def __post_init__(self) -> None:
         if not self.embedding_key:
@@ -69,6 +71,8 @@ class Prompt:
                 raise InvalidInput("mask_input_logits contains NaN or infinite values")
         if self.mask_input is not None and self.mask_input_key:
             raise InvalidInput("give mask_input_logits or mask_input_key, not both")
+        if self.mask_input_index < 0 or (self.mask_input_index and not self.mask_input_key):
+            raise InvalidInput(f"mask_input_index {self.mask_input_index} needs a mask_input_key and must be >= 0")
         if len(self.points) == 0 and self.box is None and not self.has_mask_input:
             raise InvalidInput("empty prompt: give at least one point, a box or a mask input")
 
@@ -97,7 +101,7 @@ class Prompt:
         h.update(np.ascontiguousarray(self.labels, dtype=np.int32).tobytes())
         h.update(b"box" + (np.asarray(self.box, np.float32).tobytes() if self.box is not None else b""))
         h.update(b"mask" + (self.mask_input.tobytes() if self.mask_input is not None else b""))
-        h.update(b"key" + (self.mask_input_key or "").encode())
+        h.update(b"key" + (self.mask_input_key or "").encode() + b"#%d" % self.mask_input_index)
         h.update(b"multi" if self.multimask_output else b"single")
         return h.hexdigest()[:32]
 
@@ -123,4 +127,4 @@ class Prompt:
             mask_input_key = request.mask_input_key
         return cls(embedding_key=request.embedding_key, points=points, labels=labels, box=box,
                    mask_input=mask_input, mask_input_key=mask_input_key,
-                   multimask_output=request.multimask_output)
+                   multimask_output=request.multimask_output, mask_input_index=request.mask_input_index)

@@ -76,7 +76,8 @@ class EmbeddedEngine:
         self.dispatcher = InlineDispatcher(handlers, settings.max_attempts)
         self.orchestrator = Orchestrator(self.store, MemoryIndex(), self.dispatcher,
                                          Thresholds(settings.accept_threshold, settings.review_threshold),
-                                         dict(settings.amg_params))
+                                         dict(settings.amg_params), lease_s=settings.review_lease_s,
+                                         audit_rate=settings.audit_rate)
 
     def resume(self) -> int:
         """Finish what an interrupted run left; returns how many items it had unfinished."""

@@ -24,14 +24,16 @@ from typing import Callable, Protocol, Sequence
 
 from services.common import keys
 from services.common.decoded import DecodeOutput
-from services.common.errors import FailedPrecondition, InvalidInput, NotFound
+from services.common.errors import InvalidInput, NotFound
 from services.common.masks import MaskRecord
 from services.common.steps import StepReport, StepRequest
 from services.common.storage import ObjectStore, check_key
 from services.common.verdicts import Verification
 from services.orchestrator.index import Index, now, page
+from services.common.review import ReviewSubmission
 from services.orchestrator.model import (DECODE, EMBED, PROPOSE, VERIFY, Item, ItemState, PhraseResult, Stage,
                                          item_id_for, manifest_key)
+from services.orchestrator.review import ReviewDesk, put_review_events
 from services.orchestrator.routing import Thresholds
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,11 @@ class Orchestrator:
     thresholds: Thresholds = field(default_factory=Thresholds)
     amg_params: dict = field(default_factory=dict)  # AmgParams fields for embed and decode
     queue_depths: Callable[[], dict[str, int]] = dict  # per queue: ready + unacknowledged
+    lease_s: float = 600.0  # a review claim without a heartbeat this long goes back to the queue
+    audit_rate: float = 0.05  # share of human-accepted items a second annotator checks
+
+    def __post_init__(self) -> None:
+        self.desk = ReviewDesk(self, self.lease_s, self.audit_rate)
 
     # -- items -----------------------------------------------------------------------------------
 
@@ -247,12 +254,11 @@ class Orchestrator:
         for request in self.pending_steps(item):
             self.dispatcher.send(request)
 
-    def resume(self) -> int:
-        """Rebuild the index from the manifests and re-dispatch every unfinished item's pending
-        steps (after Redis lost its data, or when an interrupted run starts again). Returns how
-        many items were re-dispatched."""
+    def rebuild_index(self) -> list[Item]:
+        """Rebuild the index (states, stages, the review queue, review events) from the manifests;
+        returns the unfinished items."""
         self.index.clear()
-        restarted = 0
+        unfinished = []
         for key in sorted(self.store.list("items/")):
             if not key.endswith("/manifest.json"):
                 continue
@@ -262,10 +268,19 @@ class Orchestrator:
                 log.warning("skipping unreadable manifest %s: %s", key, exc)
                 continue
             self.index.put(item)
+            put_review_events(self.index, item)
             if not item.settled:
-                self._dispatch(item)
-                restarted += 1
-        return restarted
+                unfinished.append(item)
+        return unfinished
+
+    def resume(self) -> int:
+        """Rebuild the index from the manifests and re-dispatch every unfinished item's pending
+        steps (after Redis lost its data, or when an interrupted run starts again). Returns how
+        many items were re-dispatched."""
+        unfinished = self.rebuild_index()
+        for item in unfinished:
+            self._dispatch(item)
+        return len(unfinished)
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -279,59 +294,34 @@ class Orchestrator:
 
     def stats(self) -> "Stats":
         by_state, by_stage = self.index.counts()
-        return Stats(by_state, by_stage, self.queue_depths(), len(self.index.dead_letters()))
+        return Stats(by_state, by_stage, self.queue_depths(), len(self.index.dead_letters()), self.desk.waiting())
 
     # -- humans ----------------------------------------------------------------------------------
 
     def next_review(self, annotator: str, stage: Stage | None = None) -> Item | None:
-        """The next item for ``annotator``: one already claimed by them, else the first unclaimed
-        one in REVIEW (active mining) or REJECTED (the stage-2 fix queue); claimed on return."""
-        if not annotator.strip():
-            raise InvalidInput("an annotator name is needed to claim review work")
-        for state in (ItemState.REVIEW, ItemState.REJECTED):
-            for item_id in self.index.ids(state, stage):
-                with self.index.lock(item_id):
-                    item = self.load(item_id)
-                    if item.state != state or item.reviewer not in ("", annotator):
-                        continue
-                    item.reviewer = annotator
-                    self.save(item)
-                    return item
-        return None
+        """Claim the next review-queue item for ``annotator``; ``item.lease`` is theirs (see review.py)."""
+        return self.desk.next(annotator, stage)
 
-    def submit_review(self, item_id: str, annotator: str, accept: bool,
-                      phrases: Sequence[PhraseResult] = ()) -> Item:
-        """A human's decision: accept (with their corrected phrases and masks, if any) or discard."""
-        if not annotator.strip():
-            raise InvalidInput("a review needs the annotator's name")
-        with self.index.lock(item_id):
-            item = self.load(item_id)
-            if item.state not in (ItemState.REVIEW, ItemState.REJECTED):
-                raise FailedPrecondition(f"item {item_id} is {item.state.name.lower()}, not waiting for review")
-            if item.reviewer not in ("", annotator):
-                raise FailedPrecondition(f"item {item_id} is claimed by {item.reviewer!r}")
-            if phrases:
-                item.phrases = [PhraseResult(p.phrase, p.is_negative, p.masks, p.verdicts, 1.0,
-                                             f"human:{annotator}", ItemState.ACCEPTED, bool(p.masks))
-                                for p in phrases]
-            item.reviewer = annotator
-            item.move(ItemState.ACCEPTED if accept else ItemState.DISCARDED, f"reviewed by {annotator}")
-            self.save(item)
-        return item
+    def submit_review(self, submission: ReviewSubmission) -> Item:
+        """A human's decision on an item they hold: accept with their phrases and masks, or discard."""
+        return self.desk.submit(submission)
 
 
 @dataclass
 class Stats:
-    """Items per state and per stage, messages per queue (ready + unacknowledged), dead letters."""
+    """Items per state and per stage, messages per queue (ready + unacknowledged), dead letters,
+    unclaimed review-queue items per band."""
 
     by_state: dict[str, int]
     by_stage: dict[str, int]
     queue_depths: dict[str, int]
     dead_letters: int
+    review_waiting: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"items_by_state": self.by_state, "items_by_stage": self.by_stage,
-                "queue_depths": self.queue_depths, "dead_letters": self.dead_letters}
+                "queue_depths": self.queue_depths, "dead_letters": self.dead_letters,
+                "review_waiting": self.review_waiting}
 
 
 def _need(out: dict, name: str, kind: type):

@@ -21,7 +21,17 @@ PREFIX = "dataengine:idx:"
 
 
 class Index(Protocol):
+    """put: the item's state, stage and review-queue rank (``Item.queue_rank``). queue: the queued
+    ids, lowest rank first. claims: annotator -> {"item_id", "band", "expires_at"}, a hint of who
+    holds what (the manifest's lease is the truth). review events: one entry per human review or
+    audit (``key`` makes re-adding one idempotent), what annotator figures are computed from."""
+
     def put(self, item: Item) -> None: ...
+    def queue(self) -> list[tuple[str, float]]: ...
+    def set_claim(self, annotator: str, claim: dict | None) -> None: ...
+    def claims(self) -> dict[str, dict]: ...
+    def put_review_event(self, key: str, entry: dict) -> None: ...
+    def review_events(self) -> list[dict]: ...
     def ids(self, state: ItemState | None = None, stage: Stage | None = None) -> list[str]: ...
     def counts(self) -> tuple[dict[str, int], dict[str, int]]: ...
     def add_dead_letter(self, entry: dict) -> None: ...
@@ -43,12 +53,38 @@ class MemoryIndex:
 
     def __init__(self) -> None:
         self._meta: dict[str, tuple[ItemState, Stage]] = {}
+        self._rank: dict[str, float] = {}
+        self._claims: dict[str, dict] = {}
+        self._events: dict[str, dict] = {}
         self._dead: list[dict] = []
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
     def put(self, item: Item) -> None:
         self._meta[item.item_id] = (item.state, item.stage)
+        rank = item.queue_rank
+        if rank is None:
+            self._rank.pop(item.item_id, None)
+        else:
+            self._rank[item.item_id] = rank
+
+    def queue(self) -> list[tuple[str, float]]:
+        return sorted(self._rank.items(), key=lambda kv: (kv[1], kv[0]))
+
+    def set_claim(self, annotator: str, claim: dict | None) -> None:
+        if claim is None:
+            self._claims.pop(annotator, None)
+        else:
+            self._claims[annotator] = dict(claim)
+
+    def claims(self) -> dict[str, dict]:
+        return {k: dict(v) for k, v in self._claims.items()}
+
+    def put_review_event(self, key: str, entry: dict) -> None:
+        self._events[key] = dict(entry)
+
+    def review_events(self) -> list[dict]:
+        return list(self._events.values())
 
     def ids(self, state: ItemState | None = None, stage: Stage | None = None) -> list[str]:
         return sorted(i for i, (st, sg) in self._meta.items()
@@ -77,12 +113,13 @@ class MemoryIndex:
 
     def clear(self) -> None:
         self._meta.clear()
+        self._rank.clear()
 
 
 # Move an item between the state and stage sets atomically (a script runs alone on the server),
 # so counts never see an item twice, even when two writers put the same item at once.
 _PUT = """
-local id, state, stage, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local id, state, stage, prefix, rank = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local old = redis.call('HGET', prefix .. 'meta', id)
 if old then
   local sep = string.find(old, ':', 1, true)
@@ -92,6 +129,11 @@ end
 redis.call('HSET', prefix .. 'meta', id, state .. ':' .. stage)
 redis.call('SADD', prefix .. 'state:' .. state, id)
 redis.call('SADD', prefix .. 'stage:' .. stage, id)
+if rank == '' then
+  redis.call('ZREM', prefix .. 'queue', id)
+else
+  redis.call('ZADD', prefix .. 'queue', rank, id)
+end
 """
 
 
@@ -118,7 +160,30 @@ class RedisIndex:
             raise TransientError(f"redis index: {what} failed: {exc}") from exc
 
     def put(self, item: Item) -> None:
-        self._call("put", lambda: self._put(args=[item.item_id, item.state.name, item.stage.name, PREFIX]))
+        rank = item.queue_rank
+        self._call("put", lambda: self._put(args=[item.item_id, item.state.name, item.stage.name, PREFIX,
+                                                  "" if rank is None else repr(rank)]))
+
+    def queue(self) -> list[tuple[str, float]]:
+        return [(i, float(r)) for i, r in self._call(
+            "queue", lambda: self.redis.zrange(PREFIX + "queue", 0, -1, withscores=True))]
+
+    def set_claim(self, annotator: str, claim: dict | None) -> None:
+        if claim is None:
+            self._call("claim", lambda: self.redis.hdel(PREFIX + "claims", annotator))
+        else:
+            self._call("claim", lambda: self.redis.hset(PREFIX + "claims", annotator, json.dumps(claim)))
+
+    def claims(self) -> dict[str, dict]:
+        raw = self._call("claims", lambda: self.redis.hgetall(PREFIX + "claims"))
+        return {k: json.loads(v) for k, v in raw.items()}
+
+    def put_review_event(self, key: str, entry: dict) -> None:
+        self._call("review event", lambda: self.redis.hset(PREFIX + "reviews", key, json.dumps(entry)))
+
+    def review_events(self) -> list[dict]:
+        return [json.loads(v) for v in self._call("review events",
+                                                  lambda: self.redis.hvals(PREFIX + "reviews"))]
 
     def ids(self, state: ItemState | None = None, stage: Stage | None = None) -> list[str]:
         keys = ([PREFIX + "state:" + state.name] if state is not None else []) + (
@@ -163,10 +228,11 @@ class RedisIndex:
                 pass
 
     def clear(self) -> None:
-        """Drop the state and stage sets (``resume`` rebuilds them); dead letters and locks stay."""
+        """Drop the state, stage and queue sets (``resume`` rebuilds them); dead letters, claims,
+        review events (re-put idempotently) and locks stay."""
 
         def run():
-            keys = [PREFIX + "meta"] + list(self.redis.scan_iter(PREFIX + "state:*")) + list(
+            keys = [PREFIX + "meta", PREFIX + "queue"] + list(self.redis.scan_iter(PREFIX + "state:*")) + list(
                 self.redis.scan_iter(PREFIX + "stage:*"))
             self.redis.delete(*keys)
 

@@ -14,6 +14,7 @@ from enum import IntEnum
 from services.common.keys import manifest_key, step_key  # noqa: F401 (re-exported)
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.masks import MaskRecord
+from services.common.review import Lease, ReviewRecord
 from services.common.verdicts import Verdict
 from services.common.pb import orchestrator_pb2
 
@@ -91,6 +92,9 @@ SETTLED = TERMINAL | {S.REVIEW, S.REJECTED}
 EMBED, PROPOSE, DECODE, VERIFY = "embed", "propose", "decode", "verify"
 STEPS = (EMBED, PROPOSE, DECODE, VERIFY)
 
+# The review queue's bands, in the order annotators get them (see Item.band).
+QUEUE_BANDS = ("review", "fix", "audit", "stage1")
+
 
 def item_id_for(source: str, image_id: str) -> str:
     """Deterministic id: the same file (source name and content) submitted twice is one item."""
@@ -105,6 +109,7 @@ class PhraseResult:
         backend could ground: ``grounded`` is False then).
     score: the verifier's score for the pair, in [0, 1].
     provenance: which model version or human produced it.
+    exhaustive: a human's exhaustivity (EV) decision: every instance is masked (None: no human said).
     """
 
     phrase: str
@@ -115,12 +120,13 @@ class PhraseResult:
     provenance: str = ""
     state: ItemState = ItemState.UNSPECIFIED
     grounded: bool = False
+    exhaustive: bool | None = None
 
     def to_json(self) -> dict:
         return {"phrase": self.phrase, "is_negative": self.is_negative,
                 "masks": [m.to_json() for m in self.masks], "verdicts": [v.to_json() for v in self.verdicts],
                 "score": float(self.score), "provenance": self.provenance, "state": self.state.name,
-                "grounded": self.grounded}
+                "grounded": self.grounded, "exhaustive": self.exhaustive}
 
     @classmethod
     def from_json(cls, d: dict) -> "PhraseResult":
@@ -128,13 +134,17 @@ class PhraseResult:
                    masks=[MaskRecord.from_json(m) for m in d.get("masks", [])],
                    verdicts=[Verdict.from_json(v) for v in d.get("verdicts", [])],
                    score=float(d.get("score", 0.0)), provenance=d.get("provenance", ""),
-                   state=ItemState.parse(d.get("state", "UNSPECIFIED")), grounded=bool(d.get("grounded", False)))
+                   state=ItemState.parse(d.get("state", "UNSPECIFIED")), grounded=bool(d.get("grounded", False)),
+                   exhaustive=d.get("exhaustive"))
 
     def to_proto(self) -> orchestrator_pb2.PhraseResult:
-        return orchestrator_pb2.PhraseResult(
+        p = orchestrator_pb2.PhraseResult(
             phrase=self.phrase, is_negative=self.is_negative, masks=[m.to_proto() for m in self.masks],
             verdicts=[v.to_proto() for v in self.verdicts], score=self.score, provenance=self.provenance,
-            state=int(self.state))
+            state=int(self.state), grounded=self.grounded)
+        if self.exhaustive is not None:
+            p.exhaustive = self.exhaustive
+        return p
 
     @classmethod
     def from_proto(cls, p: orchestrator_pb2.PhraseResult) -> "PhraseResult":
@@ -142,7 +152,8 @@ class PhraseResult:
             raise InvalidInput("a phrase result needs a non-empty phrase")
         return cls(phrase=p.phrase, is_negative=p.is_negative, masks=[MaskRecord.from_proto(m) for m in p.masks],
                    verdicts=[Verdict.from_proto(v) for v in p.verdicts], score=p.score,
-                   provenance=p.provenance, state=ItemState.parse(p.state), grounded=bool(p.masks))
+                   provenance=p.provenance, state=ItemState.parse(p.state), grounded=bool(p.masks),
+                   exhaustive=p.exhaustive if p.HasField("exhaustive") else None)
 
 
 @dataclass
@@ -155,6 +166,8 @@ class Item:
     grid_masks_key: SA-1B JSON of the class-agnostic automatic masks.
     history: [state name, unix seconds] in order, for provenance and debugging.
     timings: step name -> seconds its handler ran (model and storage work, without queueing).
+    lease: the annotator's claim while one holds it. reviews: every human review and audit, in order.
+    audit: "" (none), "pending" (a second annotator is to check the accepted review) or "done".
     """
 
     item_id: str
@@ -175,6 +188,9 @@ class Item:
     history: list[list] = field(default_factory=list)
     reviewer: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    lease: Lease | None = None
+    reviews: list[ReviewRecord] = field(default_factory=list)
+    audit: str = ""
 
     def __post_init__(self) -> None:
         if not self.history:
@@ -198,6 +214,28 @@ class Item:
     def fail(self, reason: str) -> None:
         self.move(ItemState.FAILED, reason)
 
+    @property
+    def band(self) -> str:
+        """The review-queue band: "review" (0.7 <= score < 0.9), "fix" (below), "audit" (a human's
+        accepted review for a second annotator), "stage1" (assisted-manual, no masks) or ""."""
+        if self.state == ItemState.REVIEW:
+            return "stage1" if self.stage == Stage.ASSISTED_MANUAL or self.score is None else "review"
+        if self.state == ItemState.REJECTED:
+            return "fix"
+        if self.state == ItemState.ACCEPTED and self.audit == "pending":
+            return "audit"
+        return ""
+
+    @property
+    def queue_rank(self) -> float | None:
+        """Where the item stands in the review queue (lower first), None when not queued: the bands
+        in the order of QUEUE_BANDS, each lowest verifier score first."""
+        band = self.band
+        if not band:
+            return None
+        score = min(1.0, max(0.0, self.score)) if self.score is not None else 0.0
+        return QUEUE_BANDS.index(band) * 2 + score
+
     def to_json(self) -> dict:
         return {"item_id": self.item_id, "source": self.source, "image_key": self.image_key,
                 "image_id": self.image_id, "stage": self.stage.name, "state": self.state.name,
@@ -205,7 +243,8 @@ class Item:
                 "width": self.width, "outputs": dict(self.outputs), "done": list(self.done),
                 "phrases": [p.to_json() for p in self.phrases], "grid_masks_key": self.grid_masks_key,
                 "score": self.score, "history": self.history, "reviewer": self.reviewer,
-                "timings": dict(self.timings)}
+                "timings": dict(self.timings), "lease": self.lease.to_json() if self.lease else None,
+                "reviews": [r.to_json() for r in self.reviews], "audit": self.audit}
 
     @classmethod
     def from_json(cls, d: dict) -> "Item":
@@ -218,14 +257,21 @@ class Item:
                        phrases=[PhraseResult.from_json(p) for p in d.get("phrases", [])],
                        grid_masks_key=d.get("grid_masks_key", ""), score=d.get("score"),
                        history=list(d.get("history", [])), reviewer=d.get("reviewer", ""),
-                       timings={str(k): float(v) for k, v in d.get("timings", {}).items()})
+                       timings={str(k): float(v) for k, v in d.get("timings", {}).items()},
+                       lease=Lease.from_json(d["lease"]) if d.get("lease") else None,
+                       reviews=[ReviewRecord.from_json(r) for r in d.get("reviews", [])],
+                       audit=str(d.get("audit", "")))
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"malformed item manifest {d.get('item_id', '?')!r}: {exc!r}") from None
 
-    def to_proto(self, grid_masks: list[MaskRecord] | None = None) -> orchestrator_pb2.Item:
-        """grid_masks: the class-agnostic masks, read from ``grid_masks_key`` by the caller."""
+    def to_proto(self, grid_masks: list[MaskRecord] | None = None, lease: Lease | None = None) -> orchestrator_pb2.Item:
+        """grid_masks: the class-agnostic masks, read from ``grid_masks_key`` by the caller.
+        lease: the caller's own claim, to hand to it (a lease's token is shown to its holder only)."""
         return orchestrator_pb2.Item(
             item_id=self.item_id, source=self.source, stage=int(self.stage), state=int(self.state),
             reason=self.reason, phrases=[p.to_proto() for p in self.phrases],
             grid_masks=[m.to_proto() for m in grid_masks or []],
-            score=self.score if self.score is not None else 0.0)
+            score=self.score if self.score is not None else 0.0, image_key=self.image_key,
+            embedding_key=self.outputs.get(EMBED, ""), height=self.height, width=self.width,
+            lease=lease.to_proto() if lease else None, band=self.band,
+            audit_of=self.reviewer if self.band == "audit" else "", reviewer=self.reviewer)

@@ -7,9 +7,10 @@ import grpc
 from services.common.errors import InvalidInput, NotFound
 from services.common.grpc_server import rpc
 from services.common.pb import orchestrator_pb2, orchestrator_pb2_grpc
+from services.common.review import ReviewSubmission
 from services.orchestrator import exports
 from services.orchestrator.engine import Orchestrator, Submission
-from services.orchestrator.model import ItemState, PhraseResult, Stage
+from services.orchestrator.model import ItemState, Stage
 
 SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 
@@ -22,8 +23,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(self, core: Orchestrator) -> None:
         self.core = core
 
-    def _item(self, item) -> orchestrator_pb2.Item:
-        return item.to_proto(self.core.grid_masks(item))
+    def _item(self, item, lease=None) -> orchestrator_pb2.Item:
+        return item.to_proto(self.core.grid_masks(item), lease)
 
     @rpc
     def Submit(self, request, context) -> orchestrator_pb2.SubmitResponse:
@@ -39,8 +40,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
     @rpc
     def GetItem(self, request, context) -> orchestrator_pb2.Item:
-        if not request.item_id:
-            raise InvalidInput("item_id is empty")
+        _need_item(request.item_id)
         return self._item(self.core.load(request.item_id))
 
     @rpc
@@ -56,19 +56,33 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         stats = self.core.stats()
         return orchestrator_pb2.StatsResponse(
             items_by_state=_counts(stats.by_state), items_by_stage=_counts(stats.by_stage),
-            queue_depths=_counts(stats.queue_depths), dead_letters=stats.dead_letters)
+            queue_depths=_counts(stats.queue_depths), dead_letters=stats.dead_letters,
+            review_waiting=_counts(stats.review_waiting))
 
     @rpc
     def NextReview(self, request, context) -> orchestrator_pb2.Item:
         item = self.core.next_review(request.annotator, Stage.parse(request.stage) if request.stage else None)
         if item is None:
             raise NotFound("no item is waiting for review")
-        return self._item(item)
+        return self._item(item, item.lease)
 
     @rpc
     def SubmitReview(self, request, context) -> orchestrator_pb2.Item:
-        phrases = [PhraseResult.from_proto(p) for p in request.phrases]
-        return self._item(self.core.submit_review(request.item_id, request.annotator, request.accept, phrases))
+        return self._item(self.core.submit_review(ReviewSubmission.from_proto(request)))
+
+    @rpc
+    def Heartbeat(self, request, context) -> orchestrator_pb2.Lease:
+        _need_item(request.item_id)
+        return self.core.desk.heartbeat(request.item_id, request.annotator, request.lease_token).to_proto()
+
+    @rpc
+    def ReleaseReview(self, request, context) -> orchestrator_pb2.Item:
+        _need_item(request.item_id)
+        return self._item(self.core.desk.release(request.item_id, request.annotator, request.lease_token))
+
+    @rpc
+    def AnnotatorStats(self, request, context) -> orchestrator_pb2.AnnotatorStatsResponse:
+        return orchestrator_pb2.AnnotatorStatsResponse(annotators=[f.to_proto() for f in self.core.desk.figures()])
 
     @rpc
     def Export(self, request, context) -> orchestrator_pb2.ExportResponse:
@@ -77,6 +91,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         keys, summary = exports.export_to_store(self.core.store, request.format, request.prefix,
                                                  exports.DATASET_STATES)
         return orchestrator_pb2.ExportResponse(keys=keys, items=summary.items)
+
+
+def _need_item(item_id: str) -> None:
+    if not item_id:
+        raise InvalidInput("item_id is empty")
 
 
 def add_to_server(server: grpc.Server, core: Orchestrator) -> list[str]:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from services.common.concepts import HardNegative, NounPhrase, Proposal
 from services.common.errors import DataEngineError, FailedPrecondition, TransientError
+from services.common.review import ReviewSubmission
 from services.common.settings import Settings
 from services.common.verdicts import PairVerdict, Verdict, Verification
 from services.concepts import step as concepts_step
@@ -229,14 +230,14 @@ def test_assisted_manual_items_wait_for_an_annotator(make_engine, images):
     assert result.state == "review" and calls == [EMBED]
     orch = engine.orchestrator
     claimed = orch.next_review("ann")
-    assert claimed.item_id == result.item_id and claimed.reviewer == "ann"
+    assert claimed.item_id == result.item_id and claimed.lease.annotator == "ann"
     assert orch.next_review("bob") is None  # claimed by ann
-    with pytest.raises(FailedPrecondition, match="claimed by 'ann'"):
-        orch.submit_review(result.item_id, "bob", True)
-    done = orch.submit_review(result.item_id, "ann", True)
-    assert done.state == ItemState.ACCEPTED and done.reason == "reviewed by ann"
-    with pytest.raises(FailedPrecondition, match="not waiting for review"):
-        orch.submit_review(result.item_id, "ann", False)
+    with pytest.raises(FailedPrecondition, match="held by 'ann'"):
+        orch.submit_review(ReviewSubmission(result.item_id, "bob", "forged", True))
+    done = orch.submit_review(ReviewSubmission(result.item_id, "ann", claimed.lease.token, True))
+    assert done.state == ItemState.ACCEPTED and done.reason == "reviewed by ann" and done.reviewer == "ann"
+    with pytest.raises(FailedPrecondition, match="lease on item .* is gone"):
+        orch.submit_review(ReviewSubmission(result.item_id, "ann", claimed.lease.token, False))
 
 
 @pytest.mark.parametrize("call, match", [

@@ -1,7 +1,7 @@
 """The ``dataengine.v1.Orchestrator`` gRPC service over loopback, on the embedded engine's
 orchestrator (tiny SAM, local store, in-memory index, in-process step queue that each test runs
-explicitly after submitting): Submit, GetItem, ListItems, Stats, NextReview/SubmitReview and
-Export, every bad request answered with its status code and a message naming the problem; and the
+explicitly after submitting): Submit, GetItem, ListItems, Stats and Export (the review RPCs:
+test_review.py), every bad request answered with its status code and a message naming the problem; and the
 ``submit``, ``status`` and ``export`` commands of the CLI against that server and store."""
 
 from __future__ import annotations
@@ -274,64 +274,6 @@ def test_stats_count_items_per_state_and_stage_and_dead_letters(engine, stub):
     reasons = {i.source: i.reason for i in failed}
     assert reasons["junk.png"].startswith("embed:") and "junk.png" in reasons["junk.png"]
     assert "gave up after 5 attempts" in reasons["flaky.png"] and get(stub, flaky).state == S.FAILED
-
-
-# -- review ---------------------------------------------------------------------------------------
-
-def test_assisted_manual_items_are_reviewed_over_grpc(engine, stub):
-    (item_id,) = submit(stub, inline(png(40), "manual.png"), stage=G.ASSISTED_MANUAL)
-    (other,) = submit(stub, inline(png(41), "other.png"), stage=G.ASSISTED_MANUAL)
-    assert run(engine) == 2  # only the embeddings: an annotator does the rest
-    waiting = get(stub, item_id)
-    assert waiting.state == S.REVIEW and waiting.reason == "assisted-manual: waiting for an annotator"
-    assert list(waiting.phrases) == []
-
-    err = rpc_error(stub.NextReview, pb.NextReviewRequest(annotator=" "))
-    assert err.code() == Code.INVALID_ARGUMENT and "annotator" in err.details()
-    err = rpc_error(stub.NextReview, pb.NextReviewRequest(annotator="ann", stage=G.SEMI_AUTOMATIC))
-    assert err.code() == Code.NOT_FOUND and "no item is waiting for review" in err.details()
-
-    first = stub.NextReview(pb.NextReviewRequest(annotator="ann", stage=G.ASSISTED_MANUAL), timeout=30)
-    assert first.item_id == min(item_id, other)  # the first in id order, now claimed by ann
-    assert stub.NextReview(pb.NextReviewRequest(annotator="ann"), timeout=30).item_id == first.item_id
-    second = stub.NextReview(pb.NextReviewRequest(annotator="bob"), timeout=30)
-    assert second.item_id == max(item_id, other)
-    err = rpc_error(stub.NextReview, pb.NextReviewRequest(annotator="cid"))
-    assert err.code() == Code.NOT_FOUND  # both claimed
-
-    err = rpc_error(stub.SubmitReview, pb.SubmitReviewRequest(item_id=first.item_id, annotator="bob", accept=True))
-    assert err.code() == Code.FAILED_PRECONDITION and "claimed by 'ann'" in err.details()
-    err = rpc_error(stub.SubmitReview, pb.SubmitReviewRequest(item_id=first.item_id, annotator="ann", accept=True,
-                                                              phrases=[pb.PhraseResult(phrase=" ")]))
-    assert err.code() == Code.INVALID_ARGUMENT and "non-empty phrase" in err.details()
-
-    drawn = np.zeros((40, 56), bool)
-    drawn[5:15, 10:30] = True
-    mask = MaskRecord(encode_rle(drawn), [10.0, 5.0, 20.0, 10.0], int(drawn.sum()), 1.0, 1.0)
-    done = stub.SubmitReview(pb.SubmitReviewRequest(
-        item_id=first.item_id, annotator="ann", accept=True,
-        phrases=[pb.PhraseResult(phrase="dog", masks=[mask.to_proto()])]), timeout=30)
-    assert done.state == S.ACCEPTED and done.reason == "reviewed by ann"
-    (phrase,) = done.phrases
-    assert phrase.phrase == "dog" and phrase.provenance == "human:ann" and phrase.state == S.ACCEPTED
-    assert phrase.score == 1.0 and MaskRecord.from_proto(phrase.masks[0]) == mask
-    assert get(stub, first.item_id) == done  # persisted
-
-    discarded = stub.SubmitReview(pb.SubmitReviewRequest(item_id=second.item_id, annotator="bob"), timeout=30)
-    assert discarded.state == S.DISCARDED and discarded.reason == "reviewed by bob"
-    err = rpc_error(stub.SubmitReview, pb.SubmitReviewRequest(item_id=first.item_id, annotator="ann", accept=True))
-    assert err.code() == Code.FAILED_PRECONDITION and "is accepted, not waiting for review" in err.details()
-    err = rpc_error(stub.SubmitReview, pb.SubmitReviewRequest(item_id="0" * 24, annotator="ann"))
-    assert err.code() == Code.NOT_FOUND
-    assert stats(stub)[0] == {"accepted": 1, "discarded": 1}
-
-    # The human's mask is the dataset's annotation; the discarded item is not exported.
-    reply = stub.Export(pb.ExportRequest(format="coco", prefix="exports/reviewed"), timeout=30)
-    coco = json.loads(engine.store.get(reply.keys[0]))
-    assert reply.items == 1 and [i["item_id"] for i in coco["images"]] == [first.item_id]
-    assert [c["name"] for c in coco["categories"]] == ["dog"]
-    (annotation,) = coco["annotations"]
-    assert annotation["area"] == int(drawn.sum()) and annotation["bbox"] == [10.0, 5.0, 20.0, 10.0]
 
 
 # -- Export ---------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.common.pb import common_pb2 as dataengine_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64\x61taengine/v1/decoder.proto\x12\rdataengine.v1\x1a\x1a\x64\x61taengine/v1/common.proto\"\xda\x01\n\x0ePredictRequest\x12\x15\n\rembedding_key\x18\x01 \x01(\t\x12$\n\x06points\x18\x02 \x03(\x0b\x32\x14.dataengine.v1.Point\x12$\n\x03\x62ox\x18\x03 \x01(\x0b\x32\x12.dataengine.v1.BoxH\x01\x88\x01\x01\x12\x18\n\x0emask_input_key\x18\x04 \x01(\tH\x00\x12\x1b\n\x11mask_input_logits\x18\x05 \x01(\x0cH\x00\x12\x18\n\x10multimask_output\x18\x06 \x01(\x08\x42\x0c\n\nmask_inputB\x06\n\x04_box\"I\n\x0fPredictResponse\x12\"\n\x05masks\x18\x01 \x03(\x0b\x32\x13.dataengine.v1.Mask\x12\x12\n\nlogits_key\x18\x02 \x01(\t\"\xf7\x04\n\tAmgParams\x12\x1c\n\x0fpoints_per_side\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1d\n\x10points_per_batch\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fpred_iou_thresh\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12#\n\x16stability_score_thresh\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12#\n\x16stability_score_offset\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1b\n\x0e\x62ox_nms_thresh\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1a\n\rcrop_n_layers\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x1c\n\x0f\x63rop_nms_thresh\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12\x63rop_overlap_ratio\x18\t \x01(\x02H\x08\x88\x01\x01\x12+\n\x1e\x63rop_n_points_downscale_factor\x18\n \x01(\x05H\t\x88\x01\x01\x12!\n\x14min_mask_region_area\x18\x0b \x01(\x05H\n\x88\x01\x01\x42\x12\n\x10_points_per_sideB\x13\n\x11_points_per_batchB\x12\n\x10_pred_iou_threshB\x19\n\x17_stability_score_threshB\x19\n\x17_stability_score_offsetB\x11\n\x0f_box_nms_threshB\x10\n\x0e_crop_n_layersB\x12\n\x10_crop_nms_threshB\x15\n\x13_crop_overlap_ratioB!\n\x1f_crop_n_points_downscale_factorB\x17\n\x15_min_mask_region_area\"W\n\x14GenerateMasksRequest\x12\x15\n\rembedding_key\x18\x01 \x01(\t\x12(\n\x06params\x18\x02 \x01(\x0b\x32\x18.dataengine.v1.AmgParams\"`\n\x15GenerateMasksResponse\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\"\n\x05masks\x18\x02 \x03(\x0b\x32\x13.dataengine.v1.Mask\x12\x11\n\tmasks_key\x18\x03 \x01(\t2\xaf\x01\n\x07\x44\x65\x63oder\x12H\n\x07Predict\x12\x1d.dataengine.v1.PredictRequest\x1a\x1e.dataengine.v1.PredictResponse\x12Z\n\rGenerateMasks\x12#.dataengine.v1.GenerateMasksRequest\x1a$.dataengine.v1.GenerateMasksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64\x61taengine/v1/decoder.proto\x12\rdataengine.v1\x1a\x1a\x64\x61taengine/v1/common.proto\"\xf4\x01\n\x0ePredictRequest\x12\x15\n\rembedding_key\x18\x01 \x01(\t\x12$\n\x06points\x18\x02 \x03(\x0b\x32\x14.dataengine.v1.Point\x12$\n\x03\x62ox\x18\x03 \x01(\x0b\x32\x12.dataengine.v1.BoxH\x01\x88\x01\x01\x12\x18\n\x0emask_input_key\x18\x04 \x01(\tH\x00\x12\x1b\n\x11mask_input_logits\x18\x05 \x01(\x0cH\x00\x12\x18\n\x10multimask_output\x18\x06 \x01(\x08\x12\x18\n\x10mask_input_index\x18\x07 \x01(\x05\x42\x0c\n\nmask_inputB\x06\n\x04_box\"I\n\x0fPredictResponse\x12\"\n\x05masks\x18\x01 \x03(\x0b\x32\x13.dataengine.v1.Mask\x12\x12\n\nlogits_key\x18\x02 \x01(\t\"\xf7\x04\n\tAmgParams\x12\x1c\n\x0fpoints_per_side\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1d\n\x10points_per_batch\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fpred_iou_thresh\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12#\n\x16stability_score_thresh\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12#\n\x16stability_score_offset\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1b\n\x0e\x62ox_nms_thresh\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1a\n\rcrop_n_layers\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x1c\n\x0f\x63rop_nms_thresh\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12\x63rop_overlap_ratio\x18\t \x01(\x02H\x08\x88\x01\x01\x12+\n\x1e\x63rop_n_points_downscale_factor\x18\n \x01(\x05H\t\x88\x01\x01\x12!\n\x14min_mask_region_area\x18\x0b \x01(\x05H\n\x88\x01\x01\x42\x12\n\x10_points_per_sideB\x13\n\x11_points_per_batchB\x12\n\x10_pred_iou_threshB\x19\n\x17_stability_score_threshB\x19\n\x17_stability_score_offsetB\x11\n\x0f_box_nms_threshB\x10\n\x0e_crop_n_layersB\x12\n\x10_crop_nms_threshB\x15\n\x13_crop_overlap_ratioB!\n\x1f_crop_n_points_downscale_factorB\x17\n\x15_min_mask_region_area\"W\n\x14GenerateMasksRequest\x12\x15\n\rembedding_key\x18\x01 \x01(\t\x12(\n\x06params\x18\x02 \x01(\x0b\x32\x18.dataengine.v1.AmgParams\"`\n\x15GenerateMasksResponse\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\"\n\x05masks\x18\x02 \x03(\x0b\x32\x13.dataengine.v1.Mask\x12\x11\n\tmasks_key\x18\x03 \x01(\t2\xaf\x01\n\x07\x44\x65\x63oder\x12H\n\x07Predict\x12\x1d.dataengine.v1.PredictRequest\x1a\x1e.dataengine.v1.PredictResponse\x12Z\n\rGenerateMasks\x12#.dataengine.v1.GenerateMasksRequest\x1a$.dataengine.v1.GenerateMasksResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dataengine.v1.decoder_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREDICTREQUEST']._serialized_start=75
-  _globals['_PREDICTREQUEST']._serialized_end=293
-  _globals['_PREDICTRESPONSE']._serialized_start=295
-  _globals['_PREDICTRESPONSE']._serialized_end=368
-  _globals['_AMGPARAMS']._serialized_start=371
-  _globals['_AMGPARAMS']._serialized_end=1002
-  _globals['_GENERATEMASKSREQUEST']._serialized_start=1004
-  _globals['_GENERATEMASKSREQUEST']._serialized_end=1091
-  _globals['_GENERATEMASKSRESPONSE']._serialized_start=1093
-  _globals['_GENERATEMASKSRESPONSE']._serialized_end=1189
-  _globals['_DECODER']._serialized_start=1192
-  _globals['_DECODER']._serialized_end=1367
+  _globals['_PREDICTREQUEST']._serialized_end=319
+  _globals['_PREDICTRESPONSE']._serialized_start=321
+  _globals['_PREDICTRESPONSE']._serialized_end=394
+  _globals['_AMGPARAMS']._serialized_start=397
+  _globals['_AMGPARAMS']._serialized_end=1028
+  _globals['_GENERATEMASKSREQUEST']._serialized_start=1030
+  _globals['_GENERATEMASKSREQUEST']._serialized_end=1117
+  _globals['_GENERATEMASKSRESPONSE']._serialized_start=1119
+  _globals['_GENERATEMASKSRESPONSE']._serialized_end=1215
+  _globals['_DECODER']._serialized_start=1218
+  _globals['_DECODER']._serialized_end=1393
 # @@protoc_insertion_point(module_scope)

@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PredictRequest(_message.Message):
-    __slots__ = ("embedding_key", "points", "box", "mask_input_key", "mask_input_logits", "multimask_output")
+    __slots__ = ("embedding_key", "points", "box", "mask_input_key", "mask_input_logits", "multimask_output", "mask_input_index")
     EMBEDDING_KEY_FIELD_NUMBER: _ClassVar[int]
     POINTS_FIELD_NUMBER: _ClassVar[int]
     BOX_FIELD_NUMBER: _ClassVar[int]
     MASK_INPUT_KEY_FIELD_NUMBER: _ClassVar[int]
     MASK_INPUT_LOGITS_FIELD_NUMBER: _ClassVar[int]
     MULTIMASK_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    MASK_INPUT_INDEX_FIELD_NUMBER: _ClassVar[int]
     embedding_key: str
     points: _containers.RepeatedCompositeFieldContainer[_common_pb2.Point]
     box: _common_pb2.Box
     mask_input_key: str
     mask_input_logits: bytes
     multimask_output: bool
-    def __init__(self, embedding_key: _Optional[str] = ..., points: _Optional[_Iterable[_Union[_common_pb2.Point, _Mapping]]] = ..., box: _Optional[_Union[_common_pb2.Box, _Mapping]] = ..., mask_input_key: _Optional[str] = ..., mask_input_logits: _Optional[bytes] = ..., multimask_output: _Optional[bool] = ...) -> None: ...
+    mask_input_index: int
+    def __init__(self, embedding_key: _Optional[str] = ..., points: _Optional[_Iterable[_Union[_common_pb2.Point, _Mapping]]] = ..., box: _Optional[_Union[_common_pb2.Box, _Mapping]] = ..., mask_input_key: _Optional[str] = ..., mask_input_logits: _Optional[bytes] = ..., multimask_output: _Optional[bool] = ..., mask_input_index: _Optional[int] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("masks", "logits_key")

@@ -24,7 +24,7 @@ class SubmitResponse(_message.Message):
     def __init__(self, item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PhraseResult(_message.Message):
-    __slots__ = ("phrase", "is_negative", "masks", "verdicts", "score", "provenance", "state")
+    __slots__ = ("phrase", "is_negative", "masks", "verdicts", "score", "provenance", "state", "exhaustive", "grounded")
     PHRASE_FIELD_NUMBER: _ClassVar[int]
     IS_NEGATIVE_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,8 @@ class PhraseResult(_message.Message):
     SCORE_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    EXHAUSTIVE_FIELD_NUMBER: _ClassVar[int]
+    GROUNDED_FIELD_NUMBER: _ClassVar[int]
     phrase: str
     is_negative: bool
     masks: _containers.RepeatedCompositeFieldContainer[_common_pb2.Mask]
@@ -39,10 +41,26 @@ class PhraseResult(_message.Message):
     score: float
     provenance: str
     state: _common_pb2.ItemState
-    def __init__(self, phrase: _Optional[str] = ..., is_negative: _Optional[bool] = ..., masks: _Optional[_Iterable[_Union[_common_pb2.Mask, _Mapping]]] = ..., verdicts: _Optional[_Iterable[_Union[_common_pb2.Verdict, _Mapping]]] = ..., score: _Optional[float] = ..., provenance: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.ItemState, str]] = ...) -> None: ...
+    exhaustive: bool
+    grounded: bool
+    def __init__(self, phrase: _Optional[str] = ..., is_negative: _Optional[bool] = ..., masks: _Optional[_Iterable[_Union[_common_pb2.Mask, _Mapping]]] = ..., verdicts: _Optional[_Iterable[_Union[_common_pb2.Verdict, _Mapping]]] = ..., score: _Optional[float] = ..., provenance: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.ItemState, str]] = ..., exhaustive: _Optional[bool] = ..., grounded: _Optional[bool] = ...) -> None: ...
+
+class Lease(_message.Message):
+    __slots__ = ("item_id", "annotator", "token", "claimed_at", "expires_at")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATOR_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    annotator: str
+    token: str
+    claimed_at: float
+    expires_at: float
+    def __init__(self, item_id: _Optional[str] = ..., annotator: _Optional[str] = ..., token: _Optional[str] = ..., claimed_at: _Optional[float] = ..., expires_at: _Optional[float] = ...) -> None: ...
 
 class Item(_message.Message):
-    __slots__ = ("item_id", "source", "stage", "state", "reason", "phrases", "grid_masks", "score")
+    __slots__ = ("item_id", "source", "stage", "state", "reason", "phrases", "grid_masks", "score", "image_key", "embedding_key", "height", "width", "lease", "band", "audit_of", "reviewer")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +69,14 @@ class Item(_message.Message):
     PHRASES_FIELD_NUMBER: _ClassVar[int]
     GRID_MASKS_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_KEY_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_KEY_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    BAND_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_OF_FIELD_NUMBER: _ClassVar[int]
+    REVIEWER_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     source: str
     stage: _common_pb2.Stage
@@ -59,7 +85,15 @@ class Item(_message.Message):
     phrases: _containers.RepeatedCompositeFieldContainer[PhraseResult]
     grid_masks: _containers.RepeatedCompositeFieldContainer[_common_pb2.Mask]
     score: float
-    def __init__(self, item_id: _Optional[str] = ..., source: _Optional[str] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., state: _Optional[_Union[_common_pb2.ItemState, str]] = ..., reason: _Optional[str] = ..., phrases: _Optional[_Iterable[_Union[PhraseResult, _Mapping]]] = ..., grid_masks: _Optional[_Iterable[_Union[_common_pb2.Mask, _Mapping]]] = ..., score: _Optional[float] = ...) -> None: ...
+    image_key: str
+    embedding_key: str
+    height: int
+    width: int
+    lease: Lease
+    band: str
+    audit_of: str
+    reviewer: str
+    def __init__(self, item_id: _Optional[str] = ..., source: _Optional[str] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., state: _Optional[_Union[_common_pb2.ItemState, str]] = ..., reason: _Optional[str] = ..., phrases: _Optional[_Iterable[_Union[PhraseResult, _Mapping]]] = ..., grid_masks: _Optional[_Iterable[_Union[_common_pb2.Mask, _Mapping]]] = ..., score: _Optional[float] = ..., image_key: _Optional[str] = ..., embedding_key: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., band: _Optional[str] = ..., audit_of: _Optional[str] = ..., reviewer: _Optional[str] = ...) -> None: ...
 
 class GetItemRequest(_message.Message):
     __slots__ = ("item_id",)
@@ -100,16 +134,18 @@ class CountByKey(_message.Message):
     def __init__(self, key: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("items_by_state", "items_by_stage", "queue_depths", "dead_letters")
+    __slots__ = ("items_by_state", "items_by_stage", "queue_depths", "dead_letters", "review_waiting")
     ITEMS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
     ITEMS_BY_STAGE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTHS_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_WAITING_FIELD_NUMBER: _ClassVar[int]
     items_by_state: _containers.RepeatedCompositeFieldContainer[CountByKey]
     items_by_stage: _containers.RepeatedCompositeFieldContainer[CountByKey]
     queue_depths: _containers.RepeatedCompositeFieldContainer[CountByKey]
     dead_letters: int
-    def __init__(self, items_by_state: _Optional[_Iterable[_Union[CountByKey, _Mapping]]] = ..., items_by_stage: _Optional[_Iterable[_Union[CountByKey, _Mapping]]] = ..., queue_depths: _Optional[_Iterable[_Union[CountByKey, _Mapping]]] = ..., dead_letters: _Optional[int] = ...) -> None: ...
+    review_waiting: _containers.RepeatedCompositeFieldContainer[CountByKey]
+    def __init__(self, items_by_state: _Optional[_Iterable[_Union[CountByKey, _Mapping]]] = ..., items_by_stage: _Optional[_Iterable[_Union[CountByKey, _Mapping]]] = ..., queue_depths: _Optional[_Iterable[_Union[CountByKey, _Mapping]]] = ..., dead_letters: _Optional[int] = ..., review_waiting: _Optional[_Iterable[_Union[CountByKey, _Mapping]]] = ...) -> None: ...
 
 class NextReviewRequest(_message.Message):
     __slots__ = ("annotator", "stage")
@@ -119,17 +155,97 @@ class NextReviewRequest(_message.Message):
     stage: _common_pb2.Stage
     def __init__(self, annotator: _Optional[str] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ...) -> None: ...
 
+class ReviewedMask(_message.Message):
+    __slots__ = ("mask", "accept", "origin")
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    mask: _common_pb2.Mask
+    accept: bool
+    origin: str
+    def __init__(self, mask: _Optional[_Union[_common_pb2.Mask, _Mapping]] = ..., accept: _Optional[bool] = ..., origin: _Optional[str] = ...) -> None: ...
+
+class ReviewedPhrase(_message.Message):
+    __slots__ = ("phrase", "original_phrase", "is_negative", "masks", "exhaustive", "ungroundable", "negative_check")
+    PHRASE_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_PHRASE_FIELD_NUMBER: _ClassVar[int]
+    IS_NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+    MASKS_FIELD_NUMBER: _ClassVar[int]
+    EXHAUSTIVE_FIELD_NUMBER: _ClassVar[int]
+    UNGROUNDABLE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_CHECK_FIELD_NUMBER: _ClassVar[int]
+    phrase: str
+    original_phrase: str
+    is_negative: bool
+    masks: _containers.RepeatedCompositeFieldContainer[ReviewedMask]
+    exhaustive: bool
+    ungroundable: bool
+    negative_check: str
+    def __init__(self, phrase: _Optional[str] = ..., original_phrase: _Optional[str] = ..., is_negative: _Optional[bool] = ..., masks: _Optional[_Iterable[_Union[ReviewedMask, _Mapping]]] = ..., exhaustive: _Optional[bool] = ..., ungroundable: _Optional[bool] = ..., negative_check: _Optional[str] = ...) -> None: ...
+
 class SubmitReviewRequest(_message.Message):
-    __slots__ = ("item_id", "annotator", "accept", "phrases")
+    __slots__ = ("item_id", "annotator", "accept", "phrases", "lease_token", "reviewed", "seconds_spent")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     ANNOTATOR_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_FIELD_NUMBER: _ClassVar[int]
     PHRASES_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REVIEWED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SPENT_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     annotator: str
     accept: bool
     phrases: _containers.RepeatedCompositeFieldContainer[PhraseResult]
-    def __init__(self, item_id: _Optional[str] = ..., annotator: _Optional[str] = ..., accept: _Optional[bool] = ..., phrases: _Optional[_Iterable[_Union[PhraseResult, _Mapping]]] = ...) -> None: ...
+    lease_token: str
+    reviewed: _containers.RepeatedCompositeFieldContainer[ReviewedPhrase]
+    seconds_spent: float
+    def __init__(self, item_id: _Optional[str] = ..., annotator: _Optional[str] = ..., accept: _Optional[bool] = ..., phrases: _Optional[_Iterable[_Union[PhraseResult, _Mapping]]] = ..., lease_token: _Optional[str] = ..., reviewed: _Optional[_Iterable[_Union[ReviewedPhrase, _Mapping]]] = ..., seconds_spent: _Optional[float] = ...) -> None: ...
+
+class LeaseRequest(_message.Message):
+    __slots__ = ("item_id", "annotator", "lease_token")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATOR_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    annotator: str
+    lease_token: str
+    def __init__(self, item_id: _Optional[str] = ..., annotator: _Optional[str] = ..., lease_token: _Optional[str] = ...) -> None: ...
+
+class AnnotatorStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AnnotatorFigures(_message.Message):
+    __slots__ = ("annotator", "items", "masks", "seconds", "items_per_hour", "masks_per_hour", "seconds_per_item", "seconds_per_mask", "audits", "audit_decision_agreement", "audit_mask_iou")
+    ANNOTATOR_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MASKS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    MASKS_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_PER_ITEM_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_PER_MASK_FIELD_NUMBER: _ClassVar[int]
+    AUDITS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_DECISION_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_MASK_IOU_FIELD_NUMBER: _ClassVar[int]
+    annotator: str
+    items: int
+    masks: int
+    seconds: float
+    items_per_hour: float
+    masks_per_hour: float
+    seconds_per_item: float
+    seconds_per_mask: float
+    audits: int
+    audit_decision_agreement: float
+    audit_mask_iou: float
+    def __init__(self, annotator: _Optional[str] = ..., items: _Optional[int] = ..., masks: _Optional[int] = ..., seconds: _Optional[float] = ..., items_per_hour: _Optional[float] = ..., masks_per_hour: _Optional[float] = ..., seconds_per_item: _Optional[float] = ..., seconds_per_mask: _Optional[float] = ..., audits: _Optional[int] = ..., audit_decision_agreement: _Optional[float] = ..., audit_mask_iou: _Optional[float] = ...) -> None: ...
+
+class AnnotatorStatsResponse(_message.Message):
+    __slots__ = ("annotators",)
+    ANNOTATORS_FIELD_NUMBER: _ClassVar[int]
+    annotators: _containers.RepeatedCompositeFieldContainer[AnnotatorFigures]
+    def __init__(self, annotators: _Optional[_Iterable[_Union[AnnotatorFigures, _Mapping]]] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
     __slots__ = ("format", "prefix")

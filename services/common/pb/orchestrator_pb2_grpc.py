@@ -65,6 +65,21 @@ class OrchestratorStub:
                 request_serializer=dataengine_dot_v1_dot_orchestrator__pb2.SubmitReviewRequest.SerializeToString,
                 response_deserializer=dataengine_dot_v1_dot_orchestrator__pb2.Item.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/dataengine.v1.Orchestrator/Heartbeat',
+                request_serializer=dataengine_dot_v1_dot_orchestrator__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=dataengine_dot_v1_dot_orchestrator__pb2.Lease.FromString,
+                _registered_method=True)
+        self.ReleaseReview = channel.unary_unary(
+                '/dataengine.v1.Orchestrator/ReleaseReview',
+                request_serializer=dataengine_dot_v1_dot_orchestrator__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=dataengine_dot_v1_dot_orchestrator__pb2.Item.FromString,
+                _registered_method=True)
+        self.AnnotatorStats = channel.unary_unary(
+                '/dataengine.v1.Orchestrator/AnnotatorStats',
+                request_serializer=dataengine_dot_v1_dot_orchestrator__pb2.AnnotatorStatsRequest.SerializeToString,
+                response_deserializer=dataengine_dot_v1_dot_orchestrator__pb2.AnnotatorStatsResponse.FromString,
+                _registered_method=True)
         self.Export = channel.unary_unary(
                 '/dataengine.v1.Orchestrator/Export',
                 request_serializer=dataengine_dot_v1_dot_orchestrator__pb2.ExportRequest.SerializeToString,
@@ -112,6 +127,27 @@ class OrchestratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """Keeps a claim from NextReview alive; FAILED_PRECONDITION once it expired or was taken over.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseReview(self, request, context):
+        """Gives a claimed item back to the queue (the annotator skips it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AnnotatorStats(self, request, context):
+        """Per-annotator throughput and audit agreement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Export(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -150,6 +186,21 @@ def add_OrchestratorServicer_to_server(servicer, server):
                     servicer.SubmitReview,
                     request_deserializer=dataengine_dot_v1_dot_orchestrator__pb2.SubmitReviewRequest.FromString,
                     response_serializer=dataengine_dot_v1_dot_orchestrator__pb2.Item.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=dataengine_dot_v1_dot_orchestrator__pb2.LeaseRequest.FromString,
+                    response_serializer=dataengine_dot_v1_dot_orchestrator__pb2.Lease.SerializeToString,
+            ),
+            'ReleaseReview': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseReview,
+                    request_deserializer=dataengine_dot_v1_dot_orchestrator__pb2.LeaseRequest.FromString,
+                    response_serializer=dataengine_dot_v1_dot_orchestrator__pb2.Item.SerializeToString,
+            ),
+            'AnnotatorStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnnotatorStats,
+                    request_deserializer=dataengine_dot_v1_dot_orchestrator__pb2.AnnotatorStatsRequest.FromString,
+                    response_serializer=dataengine_dot_v1_dot_orchestrator__pb2.AnnotatorStatsResponse.SerializeToString,
             ),
             'Export': grpc.unary_unary_rpc_method_handler(
                     servicer.Export,
@@ -320,6 +371,87 @@ class Orchestrator:
             '/dataengine.v1.Orchestrator/SubmitReview',
             dataengine_dot_v1_dot_orchestrator__pb2.SubmitReviewRequest.SerializeToString,
             dataengine_dot_v1_dot_orchestrator__pb2.Item.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dataengine.v1.Orchestrator/Heartbeat',
+            dataengine_dot_v1_dot_orchestrator__pb2.LeaseRequest.SerializeToString,
+            dataengine_dot_v1_dot_orchestrator__pb2.Lease.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseReview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dataengine.v1.Orchestrator/ReleaseReview',
+            dataengine_dot_v1_dot_orchestrator__pb2.LeaseRequest.SerializeToString,
+            dataengine_dot_v1_dot_orchestrator__pb2.Item.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnnotatorStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dataengine.v1.Orchestrator/AnnotatorStats',
+            dataengine_dot_v1_dot_orchestrator__pb2.AnnotatorStatsRequest.SerializeToString,
+            dataengine_dot_v1_dot_orchestrator__pb2.AnnotatorStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
