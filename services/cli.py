@@ -11,6 +11,7 @@ import typer
 from services.cli_common import collect_images, fail as _fail, progress as _progress, settings as _settings
 from services.common.errors import DataEngineError
 from services.concepts import commands as concepts_commands
+from services import studio_commands
 from services.orchestrator import commands
 from services.verifier import calibrate_command, eval_command
 
@@ -96,15 +97,26 @@ def models_fetch(
 
 @app.command()
 def serve(
-    service: str = typer.Argument(..., help="embedder, decoder, concepts, verifier or orchestrator."),
+    service: str = typer.Argument(..., help="embedder, decoder, concepts, verifier, orchestrator or studio."),
     grpc_server: bool = typer.Option(True, "--grpc/--no-grpc", help="Run the gRPC server."),
     worker: bool = typer.Option(True, "--worker/--no-worker", help="Run the Celery worker."),
 ) -> None:
-    """Start SERVICE's gRPC server and its Celery worker (queue SERVICE) until SIGTERM."""
+    """Start SERVICE's gRPC server and its Celery worker (queue SERVICE) until SIGTERM; the studio:
+    its HTTP server (DATAENGINE_STUDIO_PORT) over the orchestrator and decoder named by
+    DATAENGINE_ORCHESTRATOR_ADDRESS and DATAENGINE_DECODER_ADDRESS."""
     from services.serve import SERVICES, run_service
 
+    if service == "studio":
+        from services.studio.server import grpc_backend, serve as serve_studio
+
+        settings = _settings()
+        try:
+            serve_studio(grpc_backend(settings), settings)
+        except (DataEngineError, ValueError) as exc:
+            _fail(str(exc), code=1)
+        return
     if service not in SERVICES:
-        _fail(f"unknown service {service!r}; choose one of {', '.join(SERVICES)}")
+        _fail(f"unknown service {service!r}; choose one of {', '.join(SERVICES)} or studio")
     try:
         run_service(service, _settings(), grpc_server=grpc_server, worker=worker)
     except (DataEngineError, ValueError) as exc:
@@ -115,6 +127,7 @@ commands.register(app)
 concepts_commands.register(app)
 calibrate_command.register(app)
 eval_command.register(app)
+studio_commands.register(app)
 
 if __name__ == "__main__":
     app()

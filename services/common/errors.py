@@ -37,3 +37,13 @@ class TransientError(DataEngineError):
     """Storage or network trouble worth retrying."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+def error_from_rpc(exc: grpc.RpcError) -> DataEngineError:
+    """The domain error a gRPC client got back (a peer's status code and details), so a client of
+    another service raises what that service's core raised; unknown codes are transient."""
+    by_code = {cls.code: cls for cls in (InvalidInput, NotFound, FailedPrecondition)}
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    cls = by_code.get(code, TransientError)
+    return cls(details if cls is not TransientError else f"{code.name}: {details}")

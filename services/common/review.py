@@ -7,6 +7,7 @@ the browser's JSON and sends them over gRPC or in process).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -15,10 +16,20 @@ from services.common.errors import InvalidInput
 from services.common.masks import MaskRecord, rle_runs
 from services.common.pb import common_pb2, orchestrator_pb2
 
+_NAME = re.compile(r"^[\w .@-]{1,64}$")
 ORIGINS = ("model", "human")
 NEGATIVE_CHECKS = ("", "absent", "present")
 MAX_PHRASES = 256  # far beyond any image's phrases; bounds one submission's work
 MAX_MASKS = 1024
+
+
+def annotator_name(text: str) -> str:
+    """The one check of an annotator's name: the identity every review is marked with
+    (``human:<name>``); the security issue puts a token behind it."""
+    name = (text or "").strip()
+    if not _NAME.fullmatch(name):
+        raise InvalidInput(f"annotator name {text!r:.80} must be 1-64 letters, digits, spaces or ._-@")
+    return name
 
 
 @dataclass

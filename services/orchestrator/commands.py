@@ -1,5 +1,6 @@
-"""Orchestrator commands: ``run`` (the embedded main job), ``submit`` and ``status`` (gRPC clients
-of a deployment), ``export`` (from the object store) and ``reconcile`` (rebuild Redis indices).
+"""Orchestrator commands: ``run`` (the embedded main job) and ``refresh`` (its exports again after a
+review), ``submit`` and ``status`` (gRPC clients of a deployment), ``export`` (from the object
+store) and ``reconcile`` (rebuild Redis indices).
 
 Thin: each parses its arguments, calls the same core code the services run, and prints.
 """
@@ -96,6 +97,30 @@ def run(
     _table("items by final state", counts)
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
+    waiting = counts.get("review", 0) + counts.get("rejected", 0)
+    if waiting:
+        model = f" --model-type {settings.model_type}" + (f" --checkpoint {settings.checkpoint}"
+                                                          if settings.checkpoint else "")
+        typer.echo(f"{waiting} items wait for a human (review: {counts.get('review', 0)}, fix queue: "
+                   f"{counts.get('rejected', 0)}). Review them in the browser:\n"
+                   f"  dataengine studio {out}{model}\n"
+                   f"then refresh the exports: dataengine refresh {out}")
+
+
+def refresh(
+    out: Path = typer.Argument(..., help="The --out folder of dataengine run."),
+) -> None:
+    """Rewrite OUT's exports and report.json from its manifests, after a review in the studio
+    (human masks, decisions and provenance included). Needs no model."""
+    from services.orchestrator.embedded import refresh_outputs
+
+    try:
+        paths, counts = refresh_outputs(out)
+    except DataEngineError as exc:
+        fail(str(exc), code=1)
+    _table("items by state", counts)
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
 
 
 def _channel(settings: Settings, address: str | None):
@@ -161,20 +186,37 @@ def status(
     address: Optional[str] = typer.Option(None, "--address", help="Orchestrator host:port."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
-    """Items per state and stage, queue depths (ready + unacknowledged) and dead letters."""
+    """Items per state and stage, queue depths (ready + unacknowledged), dead letters, the review
+    queue and the annotators' figures (items/hour, masks/hour, seconds per mask, audit agreement)."""
     from services.common.pb import orchestrator_pb2, orchestrator_pb2_grpc
+    from services.common.review import AnnotatorFigures
 
     stub = orchestrator_pb2_grpc.OrchestratorStub(_channel(make_settings(), address))
     reply = _call(stub.Stats, orchestrator_pb2.StatsRequest())
+    figures = _call(stub.AnnotatorStats, orchestrator_pb2.AnnotatorStatsRequest())
     stats = {"items_by_state": {c.key: c.count for c in reply.items_by_state},
              "items_by_stage": {c.key: c.count for c in reply.items_by_stage},
-             "queue_depths": {c.key: c.count for c in reply.queue_depths}, "dead_letters": reply.dead_letters}
+             "queue_depths": {c.key: c.count for c in reply.queue_depths}, "dead_letters": reply.dead_letters,
+             "review_waiting": {c.key: c.count for c in reply.review_waiting},
+             "annotators": [AnnotatorFigures.from_proto(f).to_json() for f in figures.annotators]}
     if as_json:
         typer.echo(json.dumps(stats))
         return
-    for title in ("items_by_state", "items_by_stage", "queue_depths"):
+    for title in ("items_by_state", "items_by_stage", "queue_depths", "review_waiting"):
         _table(title.replace("_", " "), stats[title])
     typer.echo(f"dead letters: {reply.dead_letters}")
+    _annotators(stats["annotators"])
+
+
+def _annotators(rows: list[dict]) -> None:
+    table = Table(title="annotators")
+    columns = ("annotator", "items", "masks", "items_per_hour", "masks_per_hour", "seconds_per_item",
+               "seconds_per_mask", "audits", "audit_decision_agreement", "audit_mask_iou")
+    for c in columns:
+        table.add_column(c.replace("_", " "), justify="left" if c == "annotator" else "right")
+    for row in rows:
+        table.add_row(*(f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+    stdout.print(table)
 
 
 def export(
@@ -223,5 +265,5 @@ def _table(title: str, counts: dict[str, int]) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    for command in (run, submit, status, export, reconcile):
+    for command in (run, submit, status, export, reconcile, refresh):
         app.command()(command)

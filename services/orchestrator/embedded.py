@@ -10,11 +10,11 @@ started again (``resume``) re-dispatches only the steps whose output is missing.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
-from services.common.errors import DataEngineError
+from services.common.errors import DataEngineError, InvalidInput, NotFound
 from services.common.sam_models import LoadedSam, load_from_settings
 from services.common.settings import Settings
 from services.common.storage import LocalStore
@@ -28,7 +28,7 @@ from services.orchestrator import exports
 from services.orchestrator.dispatch import InlineDispatcher
 from services.orchestrator.engine import Orchestrator, Submission
 from services.orchestrator.index import MemoryIndex
-from services.orchestrator.model import DECODE, EMBED, PROPOSE, VERIFY, Item, Stage
+from services.orchestrator.model import DECODE, EMBED, PROPOSE, VERIFY, Item, Stage, manifest_key
 from services.orchestrator.routing import Thresholds
 from services.verifier import step as verifier_step
 from services.verifier.core import VerifierCore
@@ -101,14 +101,49 @@ class EmbeddedEngine:
 
     def write_outputs(self, results: Sequence[FileResult], states=exports.DATASET_STATES) -> dict[str, Path]:
         """``coco.json``, ``saco.json``, ``sa1b/`` and ``report.json`` in ``out_dir``."""
-        paths = {"coco": self.out_dir / "coco.json", "saco": self.out_dir / "saco.json",
-                 "sa1b": self.out_dir / "sa1b", "report": self.out_dir / "report.json"}
-        for fmt in exports.FORMATS:
-            exports.export(self.store, fmt, paths[fmt], states)
-        counts: dict[str, int] = {}
-        for r in results:
-            counts[r.state] = counts.get(r.state, 0) + 1
-        report = {"files": len(results), "by_state": counts, "exported_states": sorted(s.name.lower() for s in states),
-                  "items": [asdict(r) for r in results]}
-        paths["report"].write_text(json.dumps(report, indent=1))
-        return paths
+        return write_outputs(self.store, self.out_dir, results, states)
+
+
+def write_outputs(store: LocalStore, out_dir: Path, results: Sequence[FileResult],
+                  states=exports.DATASET_STATES) -> dict[str, Path]:
+    """The exports and ``report.json`` of a run's ``out_dir`` from the manifests in ``store``."""
+    paths = {"coco": out_dir / "coco.json", "saco": out_dir / "saco.json",
+             "sa1b": out_dir / "sa1b", "report": out_dir / "report.json"}
+    for fmt in exports.FORMATS:
+        exports.export(store, fmt, paths[fmt], states)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.state] = counts.get(r.state, 0) + 1
+    report = {"files": len(results), "by_state": counts, "exported_states": sorted(s.name.lower() for s in states),
+              "items": [asdict(r) for r in results]}
+    paths["report"].write_text(json.dumps(report, indent=1))
+    return paths
+
+
+def refresh_outputs(out_dir: Path) -> tuple[dict[str, Path], dict[str, int]]:
+    """Rewrite ``out_dir``'s exports and report from its manifests (after a review in the studio):
+    each file of the run's report gets its item's state now. Needs no model. Returns the paths and
+    the files per state."""
+    out_dir = Path(out_dir)
+    store_dir, report_path = out_dir / STORE_DIR, out_dir / "report.json"
+    if not store_dir.is_dir() or not report_path.is_file():
+        raise NotFound(f"{out_dir} holds no run: no {STORE_DIR}/ and report.json (dataengine run IMAGES --out {out_dir})")
+    store = LocalStore(store_dir)
+    try:
+        rows = json.loads(report_path.read_text())["items"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidInput(f"{report_path} is not a run report: {exc!r}") from None
+    results = []
+    for row in rows:
+        result = FileResult(**{f.name: row[f.name] for f in fields(FileResult) if f.name in row})
+        if result.item_id:
+            try:
+                result = FileResult.of(result.file, Item.from_json(json.loads(store.get(manifest_key(result.item_id)))))
+            except NotFound:
+                pass
+        results.append(result)
+    paths = write_outputs(store, out_dir, results)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.state] = counts.get(r.state, 0) + 1
+    return paths, counts

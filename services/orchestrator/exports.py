@@ -169,13 +169,23 @@ def write_coco(store: ObjectStore, fp: TextIO, states: States = None) -> ExportS
     return summary
 
 
+def _exhaustive(p: PhraseResult) -> bool | None:
+    """SA-Co's is_instance_exhaustive: the human's EV decision where there is one, else the
+    verifier's EV choice, else None (nobody said)."""
+    if p.exhaustive is not None:
+        return p.exhaustive
+    ev = next((v for v in p.verdicts if v.check == "exhaustivity"), None)
+    return None if ev is None else ev.choice == "accept"
+
+
 def write_saco(store: ObjectStore, fp: TextIO, states: States = None) -> ExportSummary:
     """SA-Co style JSON into ``fp``: ``{"pairs": [record, ...], "info": {...}}``.
 
     record: ``image`` {item_id, image_id (sha256), source, height, width (pixels), state (the
     item's)}, ``phrase``, ``is_negative`` (hard negative: no masks), ``grounded`` (False: an
     image-level label without masks), ``masks`` (SA-1B records), ``score`` in [0, 1], ``verdicts``,
-    ``stage``, ``state`` (the pair's routing state), ``provenance`` (model version or human).
+    ``stage``, ``state`` (the pair's routing state), ``provenance`` (model version or
+    ``human:<name>``), ``is_instance_exhaustive`` (the human's EV decision, else the verifier's).
     """
     summary = ExportSummary()
     fp.write('{"pairs":[')
@@ -189,7 +199,8 @@ def write_saco(store: ObjectStore, fp: TextIO, states: States = None) -> ExportS
             # A negative's masks would contradict "verified absent"; the record keeps the verdict.
             masks = [] if p.is_negative else [{"id": i, **m.to_json()} for i, m in enumerate(p.masks)]
             record = {"image": image, "phrase": p.phrase, "is_negative": p.is_negative,
-                      "grounded": p.grounded and bool(masks), "masks": masks, "score": float(p.score),
+                      "grounded": p.grounded and bool(masks), "masks": masks,
+                      "is_instance_exhaustive": _exhaustive(p), "score": float(p.score),
                       "verdicts": [v.to_json() for v in p.verdicts], "stage": item.stage.name,
                       "state": p.state.name, "provenance": p.provenance}
             fp.write(("," if summary.phrases else "") + json.dumps(record, **_COMPACT))

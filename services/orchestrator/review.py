@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -21,23 +20,12 @@ from typing import Callable, Protocol
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.masks import MaskRecord
 from services.common.review import (AnnotatorFigures, Lease, ReviewRecord, ReviewSubmission,
-                                    ReviewedPhrase, matched_iou)
+                                    ReviewedPhrase, annotator_name, matched_iou)
 from services.common.verdicts import Verdict
 from services.orchestrator.index import Index
 from services.orchestrator.model import QUEUE_BANDS, Item, ItemState, PhraseResult, Stage
 
 log = logging.getLogger(__name__)
-
-_NAME = re.compile(r"^[\w .@-]{1,64}$")
-
-
-def annotator_name(text: str) -> str:
-    """The one check of an annotator's name (the identity the security issue will put a token behind)."""
-    name = (text or "").strip()
-    if not _NAME.fullmatch(name):
-        raise InvalidInput(f"annotator name {text!r:.80} must be 1-64 letters, digits, spaces or ._-@")
-    return name
-
 
 class Items(Protocol):
     """What the desk needs of the orchestrator."""

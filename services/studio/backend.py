@@ -1,0 +1,101 @@
+"""The one interface the studio's HTTP handlers use, and its gRPC implementation.
+
+In a deployment the studio is a client of the orchestrator (review queue, leases, submissions) and
+the decoder (``Predict`` on the cached embedding), and reads images from the object store. The
+in-process implementation over the embedded engine's cores (``dataengine studio OUT_DIR``) lives at
+the top, in ``services/studio_local.py``: a service never imports another service.
+
+Items travel as ``orchestrator_pb2.Item`` either way (the in-process side converts its items with
+the same ``to_proto`` the servicer uses), so one converter makes the page's view.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import grpc
+
+from services.common.errors import error_from_rpc
+from services.common.grpc_server import channel_options
+from services.common.pb import decoder_pb2, decoder_pb2_grpc, orchestrator_pb2 as pb, orchestrator_pb2_grpc
+from services.common.review import AnnotatorFigures, Lease, ReviewSubmission
+from services.common.storage import ObjectStore
+
+RPC_TIMEOUT_S = 30.0
+
+
+class StudioBackend(Protocol):
+    """What the studio needs; every method raises the domain errors (services.common.errors)."""
+
+    store: ObjectStore
+
+    def next_item(self, annotator: str) -> pb.Item | None: ...
+    def get_item(self, item_id: str) -> pb.Item: ...
+    def heartbeat(self, item_id: str, annotator: str, token: str) -> Lease: ...
+    def release(self, item_id: str, annotator: str, token: str) -> None: ...
+    def submit(self, submission: ReviewSubmission) -> pb.Item: ...
+    def waiting(self) -> dict[str, int]: ...
+    def figures(self) -> list[AnnotatorFigures]: ...
+
+    def predict(self, request: decoder_pb2.PredictRequest) -> tuple[decoder_pb2.PredictResponse, dict[str, float]]:
+        """The decoder's answer and the seconds it spent, by part ("decoder", "masks", ... or "rpc")."""
+
+
+class GrpcBackend:
+    """Over the orchestrator's and the decoder's gRPC servers, and the object store."""
+
+    def __init__(self, orchestrator_address: str, decoder_address: str, store: ObjectStore,
+                 max_message_bytes: int) -> None:
+        options = channel_options(max_message_bytes)
+        self._channels = [grpc.insecure_channel(orchestrator_address, options=options),
+                          grpc.insecure_channel(decoder_address, options=options)]
+        self.orchestrator = orchestrator_pb2_grpc.OrchestratorStub(self._channels[0])
+        self.decoder = decoder_pb2_grpc.DecoderStub(self._channels[1])
+        self.store = store
+
+    @staticmethod
+    def _call(method, request):
+        try:
+            return method(request, timeout=RPC_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def next_item(self, annotator: str) -> pb.Item | None:
+        try:
+            return self.orchestrator.NextReview(pb.NextReviewRequest(annotator=annotator), timeout=RPC_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise error_from_rpc(exc) from None
+
+    def get_item(self, item_id: str) -> pb.Item:
+        return self._call(self.orchestrator.GetItem, pb.GetItemRequest(item_id=item_id))
+
+    def heartbeat(self, item_id: str, annotator: str, token: str) -> Lease:
+        return Lease.from_proto(self._call(self.orchestrator.Heartbeat, pb.LeaseRequest(
+            item_id=item_id, annotator=annotator, lease_token=token)))
+
+    def release(self, item_id: str, annotator: str, token: str) -> None:
+        self._call(self.orchestrator.ReleaseReview, pb.LeaseRequest(item_id=item_id, annotator=annotator,
+                                                                    lease_token=token))
+
+    def submit(self, submission: ReviewSubmission) -> pb.Item:
+        return self._call(self.orchestrator.SubmitReview, submission.to_proto())
+
+    def waiting(self) -> dict[str, int]:
+        reply = self._call(self.orchestrator.Stats, pb.StatsRequest())
+        return {c.key: c.count for c in reply.review_waiting}
+
+    def figures(self) -> list[AnnotatorFigures]:
+        reply = self._call(self.orchestrator.AnnotatorStats, pb.AnnotatorStatsRequest())
+        return [AnnotatorFigures.from_proto(f) for f in reply.annotators]
+
+    def predict(self, request: decoder_pb2.PredictRequest) -> tuple[decoder_pb2.PredictResponse, dict[str, float]]:
+        start = time.perf_counter()
+        reply = self._call(self.decoder.Predict, request)
+        return reply, {"rpc": time.perf_counter() - start}
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
