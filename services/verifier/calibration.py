@@ -9,6 +9,8 @@ Training examples, one per item:
   ``HeuristicVerifier.item_features`` of what the verifier saw: the decode step's output when it
   is still stored (a reviewer may have replaced the manifest's phrases with corrected ones), else
   the manifest's phrases unless a human wrote them; the grid masks from ``grid_masks_key``.
+- from the human MV decisions the studio stores (``--labels masks``): one example per mask a human
+  accepted or rejected as the model proposed it, its features as a one-mask pair.
 - from a JSONL file: one ``{FEATURE: number, ..., "accepted": bool}`` object per line.
 
 Model: the features standardised (training mean 0, sd 1), an L2-regularised logistic regression
@@ -39,6 +41,7 @@ import numpy as np
 from services.common.decoded import DecodeOutput
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound
 from services.common.jsonl import read_objects
+from services.common.masks import MaskRecord
 from services.common.storage import ObjectStore
 from services.orchestrator.model import DECODE, Item, ItemState
 from services.verifier.core import PhrasePair, check_pairs
@@ -249,6 +252,43 @@ def examples_from_store(store: ObjectStore, verifier: HeuristicVerifier) -> Exam
         labels.append(item.state == ItemState.ACCEPTED)
     return Examples(np.array(rows, float).reshape(-1, len(FEATURES)), np.array(labels, bool),
                     {"store": len(rows)}, dict(skipped))
+
+
+def examples_from_mask_decisions(store: ObjectStore, verifier: HeuristicVerifier) -> Examples:
+    """One example per mask a human judged as the model proposed it (the studio's MV decisions,
+    ``reviews[].mv`` of every manifest): the heuristic's features of that mask as its phrase's only
+    mask; label: the human accepted it. Masks a human made or edited are no example of the model's
+    (origin "human"); neither are audits (the first review is the label)."""
+    rows, labels, skipped = [], [], Counter()
+    for key in store.list("items/"):
+        if not MANIFEST.fullmatch(key):
+            continue
+        try:
+            doc = json.loads(store.get(key))
+            item = Item.from_json(doc if isinstance(doc, dict) else {})
+        except (ValueError, NotFound):
+            skipped["malformed manifest"] += 1
+            continue
+        for record in item.reviews:
+            if record.kind != "review":
+                continue
+            for decision in record.mv:
+                if decision.get("origin") != "model":
+                    skipped["mask made or edited by a human"] += 1
+                    continue
+                try:
+                    mask = MaskRecord.from_json(decision["mask"])
+                    pairs = check_pairs([PhrasePair(str(decision["phrase"]), [mask], False)], [])
+                    features = verifier.item_features(pairs, [])
+                except (InvalidInput, KeyError, TypeError, ValueError):
+                    features = None
+                if features is None:
+                    skipped["malformed mask decision"] += 1
+                    continue
+                rows.append(features)
+                labels.append(bool(decision.get("accept")))
+    return Examples(np.array(rows, float).reshape(-1, len(FEATURES)), np.array(labels, bool),
+                    {"mask_decisions": len(rows)}, dict(skipped))
 
 
 def examples_from_jsonl(path: Path) -> Examples:
