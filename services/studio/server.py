@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import uvicorn
 
 from services.common.logs import setup_logging
@@ -21,6 +23,10 @@ def serve(backend: StudioBackend, settings: Settings, host: str | None = None, p
     """Serve until SIGINT/SIGTERM (uvicorn finishes the requests in flight, then returns)."""
     setup_logging(settings.log_level)
     app = create_app(backend, settings.review_lease_s)
+    # uvicorn drains, restores the handlers it found and raises the signal again: with these the
+    # process then ends with status 0, as the other services do after a graceful stop.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=host or settings.host, port=port if port is not None else settings.studio_port,
                 log_level=settings.log_level.lower(), access_log=False,
                 timeout_graceful_shutdown=int(settings.shutdown_grace_s))
