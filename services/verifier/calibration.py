@@ -34,7 +34,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -231,19 +231,23 @@ def _example(store: ObjectStore, item: Item, verifier: HeuristicVerifier) -> tup
     return (features, "") if features is not None else (None, "scored by rule (an ungroundable label)")
 
 
-def examples_from_store(store: ObjectStore, verifier: HeuristicVerifier) -> Examples:
-    """One example per human-reviewed item in ``store``; ``verifier`` computes the features (it
-    should be uncalibrated and configured as the deployed one, e.g. its ``top_k``)."""
-    rows, labels, skipped = [], [], Counter()
+def _manifests(store: ObjectStore, skipped: Counter) -> Iterator[Item]:
+    """Every item manifest in ``store``; an unreadable one is counted in ``skipped``."""
     for key in store.list("items/"):
         if not MANIFEST.fullmatch(key):
             continue
         try:
             doc = json.loads(store.get(key))
-            item = Item.from_json(doc if isinstance(doc, dict) else {})
+            yield Item.from_json(doc if isinstance(doc, dict) else {})
         except (ValueError, NotFound):  # InvalidInput is a ValueError; NotFound: deleted meanwhile
             skipped["malformed manifest"] += 1
-            continue
+
+
+def examples_from_store(store: ObjectStore, verifier: HeuristicVerifier) -> Examples:
+    """One example per human-reviewed item in ``store``; ``verifier`` computes the features (it
+    should be uncalibrated and configured as the deployed one, e.g. its ``top_k``)."""
+    rows, labels, skipped = [], [], Counter()
+    for item in _manifests(store, skipped):
         features, reason = _example(store, item, verifier)
         if features is None:
             skipped[reason] += 1
@@ -260,15 +264,7 @@ def examples_from_mask_decisions(store: ObjectStore, verifier: HeuristicVerifier
     mask; label: the human accepted it. Masks a human made or edited are no example of the model's
     (origin "human"); neither are audits (the first review is the label)."""
     rows, labels, skipped = [], [], Counter()
-    for key in store.list("items/"):
-        if not MANIFEST.fullmatch(key):
-            continue
-        try:
-            doc = json.loads(store.get(key))
-            item = Item.from_json(doc if isinstance(doc, dict) else {})
-        except (ValueError, NotFound):
-            skipped["malformed manifest"] += 1
-            continue
+    for item in _manifests(store, skipped):
         for record in item.reviews:
             if record.kind != "review":
                 continue
