@@ -20,7 +20,8 @@ def test_every_service_of_the_architecture_is_defined():
         concepts_pb2_grpc.ConceptsServicer: {"Propose"},
         verifier_pb2_grpc.VerifierServicer: {"Verify"},
         orchestrator_pb2_grpc.OrchestratorServicer: {
-            "Submit", "GetItem", "ListItems", "Stats", "NextReview", "SubmitReview", "Export"},
+            "Submit", "GetItem", "ListItems", "Stats", "NextReview", "SubmitReview", "Heartbeat", "ReleaseReview",
+            "AnnotatorStats", "Export"},
     }
     for servicer, names in rpcs.items():
         defined = {n for n in vars(servicer) if not n.startswith("_")}
