@@ -168,6 +168,7 @@ class Item:
     timings: step name -> seconds its handler ran (model and storage work, without queueing).
     lease: the annotator's claim while one holds it. reviews: every human review and audit, in order.
     audit: "" (none), "pending" (a second annotator is to check the accepted review) or "done".
+    skipped_by: annotators who skipped it: they get it again only when nothing else waits.
     """
 
     item_id: str
@@ -191,6 +192,7 @@ class Item:
     lease: Lease | None = None
     reviews: list[ReviewRecord] = field(default_factory=list)
     audit: str = ""
+    skipped_by: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.history:
@@ -244,7 +246,8 @@ class Item:
                 "phrases": [p.to_json() for p in self.phrases], "grid_masks_key": self.grid_masks_key,
                 "score": self.score, "history": self.history, "reviewer": self.reviewer,
                 "timings": dict(self.timings), "lease": self.lease.to_json() if self.lease else None,
-                "reviews": [r.to_json() for r in self.reviews], "audit": self.audit}
+                "reviews": [r.to_json() for r in self.reviews], "audit": self.audit,
+                "skipped_by": list(self.skipped_by)}
 
     @classmethod
     def from_json(cls, d: dict) -> "Item":
@@ -260,7 +263,7 @@ class Item:
                        timings={str(k): float(v) for k, v in d.get("timings", {}).items()},
                        lease=Lease.from_json(d["lease"]) if d.get("lease") else None,
                        reviews=[ReviewRecord.from_json(r) for r in d.get("reviews", [])],
-                       audit=str(d.get("audit", "")))
+                       audit=str(d.get("audit", "")), skipped_by=[str(a) for a in d.get("skipped_by", [])])
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"malformed item manifest {d.get('item_id', '?')!r}: {exc!r}") from None
 

@@ -106,28 +106,37 @@ class ReviewDesk:
                         and (stage is None or item.stage == stage)):
                     return item
         held = {c["item_id"] for who, c in claims.items() if who != name and c["expires_at"] > now}
-        for item_id, _ in self.index.queue():
-            if item_id in held:
-                continue
-            with self.index.lock(item_id):
-                item = self.items.load(item_id)
-                if not item.band or (stage is not None and item.stage != stage):
-                    continue
-                if item.lease and item.lease.live(now) and item.lease.annotator != name:
-                    continue
-                if item.band == "audit" and item.reviewer == name:
-                    continue  # nobody audits their own work
-                if item.lease and item.lease.annotator != name:
-                    log.info("lease expired: item handed over", extra={
-                        "key": f"{item_id} from {item.lease.annotator} to {name}"})
-                item.lease = Lease(item_id, name, secrets.token_hex(16), now, now + self.lease_s)
-                self.items.save(item)
-                self.index.set_claim(name, {"item_id": item_id, "band": item.band,
-                                            "expires_at": item.lease.expires_at})
-                return item
+        queue = [item_id for item_id, _ in self.index.queue() if item_id not in held]
+        # Items this annotator skipped come last, in a second pass: skipping must not hand the
+        # same item straight back.
+        for second_pass in (False, True):
+            for item_id in queue:
+                item = self._claim(item_id, name, stage, now, skipped_ok=second_pass)
+                if item is not None:
+                    return item
         if mine:
             self.index.set_claim(name, None)
         return None
+
+    def _claim(self, item_id: str, name: str, stage: Stage | None, now: float, skipped_ok: bool) -> Item | None:
+        """Claim ``item_id`` for ``name`` if it is free for them; None otherwise."""
+        with self.index.lock(item_id):
+            item = self.items.load(item_id)
+            if not item.band or (stage is not None and item.stage != stage):
+                return None
+            if item.lease and item.lease.live(now) and item.lease.annotator != name:
+                return None
+            if item.band == "audit" and item.reviewer == name:
+                return None  # nobody audits their own work
+            if name in item.skipped_by and not skipped_ok:
+                return None
+            if item.lease and item.lease.annotator != name:
+                log.info("lease expired: item handed over", extra={
+                    "key": f"{item_id} from {item.lease.annotator} to {name}"})
+            item.lease = Lease(item_id, name, secrets.token_hex(16), now, now + self.lease_s)
+            self.items.save(item)
+            self.index.set_claim(name, {"item_id": item_id, "band": item.band, "expires_at": item.lease.expires_at})
+            return item
 
     def _held(self, item: Item, annotator: str, token: str, now: float) -> Lease:
         """The caller's live lease on ``item``; FAILED_PRECONDITION naming why it is not."""
@@ -165,6 +174,8 @@ class ReviewDesk:
             item = self.items.load(item_id)
             self._held(item, name, token, self.clock())
             item.lease = None
+            if name not in item.skipped_by:
+                item.skipped_by.append(name)
             self.items.save(item)
             self.index.set_claim(name, None)
             return item

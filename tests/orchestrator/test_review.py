@@ -124,6 +124,21 @@ def test_an_expired_lease_nobody_took_is_refused_too(orch):
     assert take(orch, "ann").lease.token != ann.lease.token  # claimed afresh
 
 
+def test_a_skipped_item_comes_back_to_its_skipper_last(orch):
+    first, second = put(orch, 1, S.REVIEW, 0.71), put(orch, 2, S.REVIEW, 0.8)
+    ann = take(orch, "ann")
+    assert ann.item_id == first
+    orch.desk.release(first, "ann", ann.lease.token)
+    assert take(orch, "ann").item_id == second  # not the item just skipped
+    assert take(orch, "bob").item_id == first  # for everyone else it keeps its place
+    orch.desk.release(first, "bob", orch.load(first).lease.token)
+    again = take(orch, "ann")
+    assert again.item_id == second  # ann still holds it
+    orch.desk.release(second, "ann", again.lease.token)
+    assert take(orch, "ann").item_id == first  # all skipped: the queue's order again
+    assert orch.load(first).skipped_by == ["ann", "bob"]
+
+
 def test_skipping_releases_the_item(orch):
     put(orch, 1, S.REVIEW, 0.8)
     ann = take(orch, "ann")
