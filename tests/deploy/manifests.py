@@ -8,7 +8,14 @@ from pathlib import Path
 
 import yaml
 
+from services.common.queues import SERVICES
 from services.common.settings import Settings
+
+# The annotators' HTTP studio: deployed like SERVICES (same image, `dataengine serve studio`) but
+# no gRPC server, queue, model or GPU; it is a client of the orchestrator and the decoder.
+STUDIO = "studio"
+DEPLOYED = (*SERVICES, STUDIO)
+HEALTHZ = "/healthz"
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -86,3 +93,39 @@ def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
         else:
             stages[current].append((instr, args.strip()))
     return stages
+
+
+_IGNORE_PART = re.compile(r"\*\*/?|\*|\?|[^*?]+")
+
+
+def _ignore_regex(pattern: str) -> re.Pattern:
+    """A .dockerignore pattern (Go filepath.Match per path, ``**`` any number of directories,
+    anchored at the context root) as a regex on a relative path."""
+    out = []
+    for part in _IGNORE_PART.findall(pattern.strip().strip("/")):
+        if part.startswith("**"):
+            out.append("(?:.*/)?" if part.endswith("/") else ".*")
+        elif part == "*":
+            out.append("[^/]*")
+        elif part == "?":
+            out.append("[^/]")
+        else:
+            out.append(re.escape(part))
+    return re.compile("".join(out))
+
+
+def docker_ignored(rel_path: str) -> bool:
+    """Whether the repository's .dockerignore keeps ``rel_path`` (relative to the root) out of the
+    build context: a pattern matching the path or a directory above it, later ``!`` lines re-including."""
+    parts = rel_path.split("/")
+    candidates = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    ignored = False
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        regex = _ignore_regex(line[1:] if negate else line)
+        if any(regex.fullmatch(c) for c in candidates):
+            ignored = not negate
+    return ignored

@@ -1,15 +1,17 @@
 """deploy/compose.yaml: every engine service gets real settings, its own port, a gRPC health check
-on that port, and the Redis and MinIO the file itself starts."""
+on that port, and the Redis and MinIO the file itself starts; the studio an HTTP check on /healthz
+and the addresses of the orchestrator and decoder the file starts."""
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlparse
 
 import pytest
 
 from services.common.queues import SERVICES
 from services.common.settings import Settings
-from tests.deploy.manifests import compose, interpolate, settings_field
+from tests.deploy.manifests import DEPLOYED, HEALTHZ, STUDIO, compose, interpolate, settings_field
 
 HEALTH_SCRIPT = "/opt/dataengine/healthcheck.py"  # where the Dockerfile puts it
 
@@ -26,13 +28,13 @@ def engine_settings(service: str, monkeypatch) -> Settings:
 
 def test_compose_has_infrastructure_and_every_service():
     services = compose()["services"]
-    assert {"redis", "minio", "minio-init", *SERVICES} <= services.keys()
+    assert {"redis", "minio", "minio-init", *DEPLOYED} <= services.keys()
     assert services["minio"]["image"].startswith("minio/minio:")
     assert "--console-address" in services["minio"]["command"]
     assert services["minio-init"]["image"].startswith("minio/mc:")
 
 
-@pytest.mark.parametrize("service", [*SERVICES, "models"])
+@pytest.mark.parametrize("service", [*DEPLOYED, "models"])
 def test_env_names_are_settings_fields(service):
     for key in compose()["services"][service]["environment"]:
         assert settings_field(key), f"{service}: {key} is not a Settings field (typo?)"
@@ -72,3 +74,56 @@ def test_settings_point_at_the_compose_redis_and_minio(monkeypatch):
     init_env = {k: interpolate(v) for k, v in services["minio-init"]["environment"].items()}
     assert init_env["BUCKET"] == settings.bucket  # the init job makes the bucket the services use
     assert "mc mb --ignore-existing" in services["minio-init"]["command"][0]
+
+
+def studio_health_url(spec: dict) -> str:
+    """The URL the studio's healthcheck fetches: the slim image has no curl, so it is python's
+    urllib (urlopen raises, so the check exits 1, on a refused connection or a non-2xx answer)."""
+    test = spec["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"] and len(test) == 4, test
+    assert "urllib.request.urlopen(" in test[3]
+    (url,) = re.findall(r"urlopen\('([^']+)'", test[3])
+    return url
+
+
+def test_studio_is_built_healthchecked_over_http_and_published_on_its_port(monkeypatch):
+    spec = compose()["services"][STUDIO]
+    settings = engine_settings(STUDIO, monkeypatch)
+    port = settings.studio_port
+    assert spec["build"]["dockerfile"] == "deploy/docker/Dockerfile"
+    assert spec["build"]["target"] == STUDIO
+    assert spec["image"].startswith("dataengine-studio:")
+    assert spec["ports"] == [f"{port}:{port}"]
+    url = urlparse(studio_health_url(spec))
+    assert (url.scheme, url.hostname, url.port, url.path) == ("http", "127.0.0.1", port, HEALTHZ)
+    assert spec["read_only"] is True and "/tmp" in spec["tmpfs"]
+    assert spec["cap_drop"] == ["ALL"]
+
+
+def test_studio_needs_no_models_volume_or_queue():
+    spec = compose()["services"][STUDIO]
+    assert not spec.get("volumes"), "the studio loads no model"
+    assert "deploy" not in spec, "no GPU reservation"
+    assert "redis" not in spec["depends_on"], "no Celery worker"
+    assert spec["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+
+
+@pytest.mark.parametrize("backend", ["orchestrator", "decoder"])
+def test_studio_reaches_the_compose_orchestrator_and_decoder(backend, monkeypatch):
+    spec = compose()["services"][STUDIO]
+    address = getattr(engine_settings(STUDIO, monkeypatch), f"{backend}_address")
+    host, _, port = address.rpartition(":")
+    assert host == backend, f"{backend}_address {address!r} is not the Compose service"
+    assert int(port) == engine_settings(backend, monkeypatch).port_of(backend)
+    assert spec["depends_on"][backend]["condition"] == "service_healthy"
+
+
+@pytest.mark.parametrize("field,default", [("review_lease_s", 600.0), ("audit_rate", 0.05)])
+def test_review_settings_are_the_defaults_for_orchestrator_and_studio(field, default, monkeypatch):
+    """The orchestrator holds the leases and draws the audits, the studio heartbeats the leases:
+    both read the shared values, which are the documented defaults."""
+    assert Settings.model_fields[field].default == default
+    for service in ("orchestrator", STUDIO):
+        env = engine_env(service)
+        assert f"DATAENGINE_{field.upper()}" in env, f"{service}: DATAENGINE_{field.upper()} not set"
+        assert getattr(engine_settings(service, monkeypatch), field) == default

@@ -3,18 +3,21 @@ check script, run against a real gRPC server."""
 
 from __future__ import annotations
 
-import fnmatch
 import json
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 
 import pytest
 from services.common.grpc_server import build_server
-from services.common.queues import SERVICES
-from tests.deploy.manifests import (DEPLOY, DOCKERFILE, ROOT, dockerfile_stages, k8s_objects,
-                                    settings_field)
+from services.common.settings import Settings
+from tests.deploy.manifests import (DEPLOY, DEPLOYED, DOCKERFILE, ROOT, docker_ignored, dockerfile_stages,
+                                    k8s_objects, settings_field)
 from tests.servers import free_port
+
+STATIC = ROOT / "services" / "studio" / "static"  # the studio's page, package data
 
 HEALTH_SCRIPT = DEPLOY / "docker" / "healthcheck.py"
 
@@ -35,7 +38,7 @@ def test_runtime_stage_is_slim_non_root_with_serve_entrypoint():
     assert k8s_uids == {int(uid)}
 
 
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", DEPLOYED)
 def test_each_service_is_a_target_with_its_command(service):
     stage = dockerfile_stages()[service]
     assert stage[0] == ("FROM", "runtime")
@@ -68,8 +71,39 @@ def test_copied_sources_exist_and_are_not_docker_ignored():
     assert "services" in sources and "deploy/docker/healthcheck.py" in sources
     for src in sources:
         assert (ROOT / src).exists(), src
-        assert not any(fnmatch.fnmatch(src, pat) or src.startswith(pat + "/") for pat in ignored), src
+        assert not docker_ignored(src), src
     assert "COPY deploy/docker/healthcheck.py /opt/dataengine/healthcheck.py" in DOCKERFILE.read_text()
+
+
+def test_runtime_exposes_every_default_port():
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}
+    exposed = {int(p) for a in instructions("runtime", "EXPOSE") for p in a.split()}
+    assert exposed == {defaults[f"{service}_port"] for service in DEPLOYED}  # studio_port: 8080
+
+
+def test_studio_page_reaches_the_build_context():
+    """`COPY services ./services` takes the page along unless .dockerignore drops it."""
+    files = [p.relative_to(ROOT).as_posix() for p in STATIC.rglob("*") if p.is_file()]
+    assert "services/studio/static/index.html" in files
+    assert not [f for f in files if docker_ignored(f)], ".dockerignore drops the studio's page"
+
+
+def test_wheel_the_image_installs_carries_the_studio_page(tmp_path):
+    """The build stage runs `pip install --no-deps .` on what it copied (pyproject.toml, README.md,
+    services/): a real, non-editable install, so the page must be package data of that wheel."""
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "services", src / "services",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("dataengine-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    wanted = {p.relative_to(ROOT).as_posix() for p in STATIC.rglob("*") if p.is_file()}
+    assert wanted <= names, f"missing from the wheel: {sorted(wanted - names)}"
 
 
 def run_health(*args: str) -> subprocess.CompletedProcess:

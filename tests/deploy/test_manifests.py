@@ -1,6 +1,7 @@
 """deploy/k8s: what operators depend on. Probes on the port the service listens on, resources and a
-locked-down securityContext on every pod, configuration keys that really are settings, and a KEDA
-ScaledObject per model queue that watches the queue its deployment consumes."""
+locked-down securityContext on every pod, configuration keys that really are settings, a KEDA
+ScaledObject per model queue that watches the queue its deployment consumes, and the studio (HTTP
+probes, addresses of the orchestrator and decoder Services, plain replicas) next to them."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import yaml
 
 from services.common.queues import MODEL_QUEUES, SERVICES
 from services.common.settings import Settings
-from tests.deploy.manifests import (K8S, configmap_env, k8s_by_kind, k8s_objects, kustomization,
-                                    only_container, settings_field)
+from tests.deploy.manifests import (DEPLOYED, HEALTHZ, K8S, STUDIO, configmap_env, k8s_by_kind, k8s_objects,
+                                    kustomization, only_container, settings_field)
 
 GPU_SERVICES = ("embedder", "decoder")
 UID = 10001  # the Dockerfile's USER
@@ -118,7 +119,7 @@ def test_pods_run_non_root_read_only(obj):
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
 
 
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", DEPLOYED)
 def test_resources_and_gpus(service):
     container = only_container(deployment(service))
     requests, limits = container["resources"]["requests"], container["resources"]["limits"]
@@ -152,7 +153,7 @@ def test_models_fetch_job_writes_where_the_services_read(settings_from_configmap
     assert job["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == UID
 
 
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", DEPLOYED)
 def test_termination_grace_outlasts_shutdown_grace(service, settings_from_configmap):
     grace = deployment(service)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > settings_from_configmap.shutdown_grace_s
@@ -171,6 +172,55 @@ def test_each_model_queue_scales_its_deployment(queue):
     assert trigger["type"] == "redis"
     assert trigger["metadata"]["listName"] == queue
     assert int(trigger["metadata"]["listLength"]) > 0
+
+
+def test_studio_deployment_serves_http_on_the_studio_port(settings_from_configmap):
+    dep = deployment(STUDIO)
+    container = only_container(dep)
+    port = settings_from_configmap.studio_port
+    assert container["args"] == [STUDIO]  # ENTRYPOINT is `dataengine serve`
+    assert container["image"] == "dataengine-studio"
+    assert container["ports"] == [{"name": "http", "containerPort": port}]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "grpc" not in container[probe], f"studio {probe}: no gRPC server to probe"
+        assert container[probe]["httpGet"] == {"path": HEALTHZ, "port": port}, f"studio {probe}"
+    svc = k8s_by_kind("Service")[STUDIO]["spec"]
+    assert svc["ports"][0]["port"] == port and svc["ports"][0]["targetPort"] == "http"
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert svc["selector"].items() <= labels.items()
+
+
+def test_studio_needs_no_model_volume_gpu_or_queue(settings_from_configmap):
+    dep = deployment(STUDIO)
+    pod = dep["spec"]["template"]["spec"]
+    mounts = {m["mountPath"] for m in only_container(dep)["volumeMounts"]}
+    assert str(settings_from_configmap.models_dir) not in mounts
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+    assert "tolerations" not in pod, "no GPU taint to tolerate"
+    # Not queue-driven: no ScaledObject; the leases live in the orchestrator, so plain replicas
+    # behind the Service serve any annotator.
+    assert STUDIO not in {o["spec"]["scaleTargetRef"]["name"] for o in k8s_by_kind("ScaledObject").values()}
+    assert dep["spec"]["replicas"] >= 1
+
+
+@pytest.mark.parametrize("backend", ["orchestrator", "decoder"])
+def test_studio_addresses_name_the_backend_services(backend, settings_from_configmap):
+    address = getattr(settings_from_configmap, f"{backend}_address")
+    host, _, port = address.rpartition(":")
+    assert host.split(".")[0] == backend, f"{backend}_address {address!r} is not the {backend} Service"
+    if "." in host:  # namespace-qualified: the kustomization's namespace
+        assert host.split(".")[1] == kustomization()["namespace"]
+    svc = k8s_by_kind("Service")[backend]["spec"]
+    assert int(port) == svc["ports"][0]["port"] == settings_from_configmap.port_of(backend)
+
+
+def test_review_settings_are_in_the_configmap(settings_from_configmap):
+    """The orchestrator (leases, audits) and the studio (heartbeats) read one value each."""
+    env = configmap_env()
+    for field in ("review_lease_s", "audit_rate", "studio_port"):
+        assert f"DATAENGINE_{field.upper()}" in env
+        assert getattr(settings_from_configmap, field) == Settings.model_fields[field].default
 
 
 def test_scaler_address_comes_from_the_broker_url():
@@ -199,6 +249,9 @@ def test_kustomize_renders_with_scaler_addresses():
     parsed = urlparse(configmap_env()["DATAENGINE_BROKER_URL"])
     namespaced = [o for o in objects if o["kind"] != "Namespace"]
     assert {o["metadata"]["namespace"] for o in namespaced} == {kustomization()["namespace"]}
+    images = {o["metadata"]["name"]: only_container(o)["image"] for o in objects if o["kind"] == "Deployment"}
+    assert set(images) == set(DEPLOYED)
+    assert all(":" in image for image in images.values()), images  # tagged by `images:`
     for obj in (o for o in objects if o["kind"] == "ScaledObject"):
         meta = obj["spec"]["triggers"][0]["metadata"]
         assert meta["address"] == parsed.netloc
