@@ -20,7 +20,6 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -29,7 +28,6 @@ if str(ROOT) not in sys.path:  # runnable from a clone without `pip install -e .
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-import uvicorn  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from services.common.sam_models import load_sam, save_random_checkpoint  # noqa: E402
@@ -38,6 +36,7 @@ from services.orchestrator.embedded import EmbeddedEngine  # noqa: E402
 from services.orchestrator.model import Stage  # noqa: E402
 from services.studio.app import create_app  # noqa: E402
 from services.studio_local import embedded_backend  # noqa: E402
+from tests.servers import UvicornThread  # noqa: E402
 from tests.studio.browser import chromium_missing, launched  # noqa: E402
 
 GRID = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}  # stage 1's grid: small
@@ -59,27 +58,6 @@ def scene(h: int, w: int, seed: int) -> Image.Image:
         d.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.integers(30, 230, 3)))
     noise = rng.integers(-10, 10, (h, w, 3))
     return Image.fromarray(np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
-
-
-class Server:
-    def __init__(self, app) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the studio's HTTP server did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 def session(url: str, clicks: int, warmup: int, h: int, w: int, seed: int) -> list[dict]:
@@ -167,7 +145,7 @@ def main() -> None:
             sys.exit(f"the run left the item {result.state}: {result}")
         print(f"  {time.perf_counter() - t0:.1f} s; studio and browser ...", flush=True)
         backend = embedded_backend(settings, out, sam=sam)
-        with Server(create_app(backend, 600.0)) as url:
+        with UvicornThread(create_app(backend, 600.0)) as url:
             metrics = session(url, args.clicks, args.warmup, args.height, args.width, args.seed)
 
     drawn = percentiles([m["click_to_drawn_ms"] for m in metrics])

@@ -134,3 +134,31 @@ def celery_worker(service: str, env: dict[str, str], log_path: Path) -> Iterator
         finally:
             code = stop_worker(worker)
     assert code == 0, f"worker exited with {code}: " + Path(log_path).read_text()[-3000:]
+
+
+class UvicornThread:
+    """An ASGI app served by uvicorn on a free loopback port in a thread (the studio's HTTP server
+    in tests and benchmarks); stopped as uvicorn stops on SIGTERM. ``with`` gives the base URL."""
+
+    def __init__(self, app) -> None:
+        import threading
+
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -10,15 +10,12 @@ one decoder mask, and the hard negatives "wolf" and "unicorn"; verifier 0.8: the
 from __future__ import annotations
 
 import shutil
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image, ImageDraw
 
 from services.common.concepts import HardNegative, NounPhrase, Proposal
@@ -33,7 +30,7 @@ from services.studio_local import InProcessBackend, embedded_backend
 from services.verifier import step as verifier_step
 from services.verifier.core import VerifierCore
 from tests.orchestrator.test_engine import GRID, ScriptedVerifier
-from tests.servers import free_port
+from tests.servers import UvicornThread
 
 H, W = 240, 320
 BOXES = {"dog": (40.0, 60.0, 150.0, 200.0), "frisbee": (200.0, 30.0, 290.0, 90.0)}
@@ -124,29 +121,6 @@ class Studio:
         return self.backend.orchestrator.load(self.items.get(name, name))
 
 
-class ServerThread:
-    """uvicorn on a free loopback port in a thread, stopped as uvicorn stops on SIGTERM."""
-
-    def __init__(self, app) -> None:
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the studio's HTTP server did not start")
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture(scope="session")
 def studio_template(tmp_path_factory, tiny_sam) -> tuple[Path, dict[str, str]]:
     """The run, made once; each test gets a copy of its OUT_DIR."""
@@ -168,5 +142,5 @@ def studio(studio_run, tiny_sam, tiny_checkpoint) -> Studio:
     settings = Settings(model_type="tiny", checkpoint=tiny_checkpoint, audit_rate=0.0)
     backend = embedded_backend(settings, out, sam=tiny_sam)
     app = create_app(backend, settings.review_lease_s)
-    with ServerThread(app) as url:
+    with UvicornThread(app) as url:
         yield Studio(url, app, backend, items, out)

@@ -17,8 +17,8 @@ from services.decoder.servicer import add_to_server as add_decoder
 from services.orchestrator.servicer import add_to_server as add_orchestrator
 from services.studio.app import create_app
 from services.studio.backend import GrpcBackend
-from tests.servers import grpc_loopback
-from tests.studio.conftest import H, W, ServerThread, Studio
+from tests.servers import UvicornThread, grpc_loopback
+from tests.studio.conftest import H, W, Studio
 
 MAX_MESSAGE = 16 << 20
 
@@ -36,7 +36,7 @@ def api(request, studio: Studio):
         _, dec_address = stack.enter_context(grpc_loopback(lambda s: add_decoder(s, backend.decoder), MAX_MESSAGE))
         grpc_backend = GrpcBackend(orch_address, dec_address, backend.store, MAX_MESSAGE)
         stack.callback(grpc_backend.close)
-        url = stack.enter_context(ServerThread(create_app(grpc_backend, 600.0)))
+        url = stack.enter_context(UvicornThread(create_app(grpc_backend, 600.0)))
         yield studio, url
 
 
