@@ -278,21 +278,26 @@ class AnnotatorFigures:
     audit_decision_agreement: float = 0.0
     audit_mask_iou: float = 0.0
 
-    def _rate(self, n: float, per: float) -> float:
-        return float(n / per) if per > 0 else 0.0
+    @staticmethod
+    def _rate(n: float, per: float, digits: int = 3) -> float | None:
+        return round(float(n / per), digits) if per > 0 else None
 
     def to_json(self) -> dict:
+        """Rates are None (JSON null) where they are undefined: no time, no mask, no audit."""
         hours = self.seconds / 3600.0
+        audited = self.audits > 0
         return {"annotator": self.annotator, "items": self.items, "masks": self.masks,
-                "seconds": round(self.seconds, 3), "items_per_hour": round(self._rate(self.items, hours), 3),
-                "masks_per_hour": round(self._rate(self.masks, hours), 3),
-                "seconds_per_item": round(self._rate(self.seconds, self.items), 3),
-                "seconds_per_mask": round(self._rate(self.seconds, self.masks), 3), "audits": self.audits,
-                "audit_decision_agreement": round(self.audit_decision_agreement, 4),
-                "audit_mask_iou": round(self.audit_mask_iou, 4)}
+                "seconds": round(self.seconds, 3), "items_per_hour": self._rate(self.items, hours),
+                "masks_per_hour": self._rate(self.masks, hours),
+                "seconds_per_item": self._rate(self.seconds, self.items),
+                "seconds_per_mask": self._rate(self.seconds, self.masks), "audits": self.audits,
+                "audit_decision_agreement": round(self.audit_decision_agreement, 4) if audited else None,
+                "audit_mask_iou": round(self.audit_mask_iou, 4) if audited else None}
 
     def to_proto(self) -> orchestrator_pb2.AnnotatorFigures:
-        return orchestrator_pb2.AnnotatorFigures(**self.to_json())
+        """The proto's rates are 0 where the JSON's are null (proto3 doubles have no null): read
+        them with ``items``, ``masks``, ``seconds`` and ``audits``."""
+        return orchestrator_pb2.AnnotatorFigures(**{k: (0.0 if v is None else v) for k, v in self.to_json().items()})
 
     @classmethod
     def from_proto(cls, p: orchestrator_pb2.AnnotatorFigures) -> "AnnotatorFigures":

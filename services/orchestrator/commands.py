@@ -215,7 +215,8 @@ def _annotators(rows: list[dict]) -> None:
     for c in columns:
         table.add_column(c.replace("_", " "), justify="left" if c == "annotator" else "right")
     for row in rows:
-        table.add_row(*(f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+        table.add_row(*("-" if row[c] is None else f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c])
+                        for c in columns))
     stdout.print(table)
 
 

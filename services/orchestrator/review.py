@@ -232,8 +232,8 @@ class ReviewDesk:
                                   "model_score": _ev_score(proposed)})
             if p.negative_check:
                 record.negatives.append({"phrase": p.phrase, "check": p.negative_check})
-            if not p.is_negative and not p.ungroundable:
-                record.masks += len(p.kept)
+            if sub.accept and not p.is_negative and not p.ungroundable:
+                record.masks += len(p.kept)  # a discarded image's masks are no work for the dataset
         return record
 
     # -- figures ---------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ An annotator signs in, takes an item, adds a mask by clicks (a point, another ca
 the chosen candidate back), erases part of it, paints a mask with the brush, rejects a model mask,
 marks a hard negative present and submits: the manifest then holds exactly what the page sent.
 Two browser contexts never share an item; an expired lease is handed to the other annotator and the
-first one's submit is refused with the banner shown and the work kept in localStorage.
+first one's submit is refused with the banner shown and the work kept in localStorage. An item an
+annotator skips waits behind the others for them (not for anyone else), and the figures dialog counts
+what they submitted.
 """
 
 from __future__ import annotations
@@ -97,11 +99,36 @@ def load_item(studio, item_id: str):
     return studio.manifest(item_id)
 
 
-def claim(studio, annotator: str) -> dict:
-    """POST /api/next for another annotator (outside the browser): that item is theirs now."""
-    req = urllib.request.Request(f"{studio.url}/api/next", method="POST", headers={"X-Annotator": annotator})
+def call(studio, annotator: str, method: str, path: str, body: dict | None = None) -> dict:
+    """One API call as another annotator (outside the browser); the JSON answer."""
+    headers = {"X-Annotator": annotator}
+    data = None
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+        data = json.dumps(body).encode()
+    req = urllib.request.Request(f"{studio.url}{path}", data=data, method=method, headers=headers)
     with urllib.request.urlopen(req, timeout=30) as res:
         return json.loads(res.read())
+
+
+def claim(studio, annotator: str) -> dict:
+    """POST /api/next for another annotator (outside the browser): that item is theirs now."""
+    return call(studio, annotator, "POST", "/api/next")
+
+
+def open_figures(page):
+    """Open the figures dialog and wait for the answer it fetched on opening; the dialog."""
+    with page.expect_response(lambda r: r.url.endswith("/api/annotators")) as info:
+        page.get_by_test_id("figures-open").click()
+    assert info.value.status == 200, info.value.text()
+    dialog = page.get_by_test_id("figures")
+    page.wait_for_function("document.querySelector('[data-testid=figures]').dataset.state === 'ready'")
+    assert dialog.is_visible()
+    return dialog
+
+
+def figures_row(page, annotator: str):
+    return page.locator(f'[data-testid=figures-row][data-annotator="{annotator}"]')
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -413,4 +440,86 @@ def test_phrase_edits_then_discard(studio, chromium):  # noqa: F811
     assert info.value.status == 200, info.value.text()
     assert json.loads(info.value.request.post_data)["decision"] == "discard"
     assert load_item(studio, studio.items["fix"]).state.name == "DISCARDED"
+    assert not [e for e in errors if "409" not in e and "404" not in e], errors
+
+
+def test_a_skipped_item_waits_behind_the_others_and_figures_count_the_work(studio, chromium):  # noqa: F811
+    errors: list[str] = []
+    releases: list[str] = []
+    page = chromium.page()
+    watch_console(page, errors)
+    page.on("request", lambda r: releases.append(r.url) if r.url.endswith("/release") else None)
+    signin(page, studio.url, "erin")
+
+    # erin skips the first item (S): the next one is another item
+    first = take_next(page)
+    assert first["item_id"] == studio.items["stage2"]
+    with page.expect_response(lambda r: r.url.endswith("/release")) as info:
+        page.keyboard.press("s")
+    assert info.value.status == 200, info.value.text()
+    page.get_by_test_id("empty-state").wait_for()
+    second = take_next(page)
+    assert second["item_id"] != first["item_id"], "a skipped item must not come straight back"
+    assert second["item_id"] == studio.items["fix"]
+    # for everyone else the skipped item keeps its place (first); frank discards it
+    frank = claim(studio, "frank")
+    assert frank["item_id"] == first["item_id"]
+    call(studio, "frank", "POST", f"/api/items/{frank['item_id']}/submit",
+         {"lease_token": frank["lease"]["token"], "decision": "discard"})
+
+    # the figures before erin submits anything: frank's row only; the studio's keys wait while it is open
+    dialog = open_figures(page)
+    assert figures_row(page, "erin").count() == 0
+    assert figures_row(page, "frank").get_attribute("data-me") is None
+    page.keyboard.press("s")  # not a skip: the dialog is modal
+    page.keyboard.press("Escape")
+    dialog.wait_for(state="hidden")
+    assert page.evaluate("window.studio.state().item.item_id") == second["item_id"]
+
+    # erin submits the fix item with one more mask made by a click
+    h, w = second["height"], second["width"]
+    target = next(p for p in second["phrases"] if not p["is_negative"])["phrase"]
+    phrase_row(page, target).locator("[data-testid=phrase-name]").click()
+    predict_by(page, lambda: page.mouse.click(*at(page, w * 0.3, h * 0.6)))
+    page.keyboard.press("Enter")
+    with page.expect_response(lambda r: r.url.endswith("/submit")) as info:
+        page.keyboard.press("Shift+Enter")
+    assert info.value.status == 200, info.value.text()
+    sent = json.loads(info.value.request.post_data)
+    masks = sum(m["decision"] == "accept" for p in sent["phrases"] if not p["is_negative"] and not p["ungroundable"]
+                for m in p["masks"])
+    assert masks >= 1
+    page.wait_for_function("id => window.studio.state().item && window.studio.state().item.item_id === id",
+                           arg=studio.items["stage1"])  # the next item opened by itself
+
+    # the figures, fetched again on opening: erin's row (highlighted) counts one item and her masks
+    dialog = open_figures(page)
+    row = figures_row(page, "erin")
+    assert row.get_attribute("data-me") == "true" and "me" in row.get_attribute("class").split()
+    assert row.get_by_test_id("fig-items").inner_text() == "1"
+    assert row.get_by_test_id("fig-masks").inner_text() == str(masks)
+    (mine,) = [f for f in call(studio, "erin", "GET", "/api/annotators")["annotators"] if f["annotator"] == "erin"]
+    assert mine["items"] == 1 and mine["masks"] == masks
+    assert row.get_by_test_id("fig-items-per-hour").inner_text() == f"{mine['items_per_hour']:.1f}"
+    assert row.get_by_test_id("fig-masks-per-hour").inner_text() == f"{mine['masks_per_hour']:.1f}"
+    assert row.get_by_test_id("fig-seconds-per-mask").inner_text() == f"{mine['seconds_per_mask']:.1f}"
+    assert row.get_by_test_id("fig-audit-agreement").inner_text() == "–"  # no audits yet
+    other = figures_row(page, "frank")
+    assert other.get_attribute("data-me") is None and "me" not in (other.get_attribute("class") or "").split()
+    assert other.get_by_test_id("fig-items").inner_text() == "1"
+    assert other.get_by_test_id("fig-masks").inner_text() == "0"
+    screenshot(page, "08-figures")
+    # audited work (none in this run: answered by the page's route): agreement as a percentage
+    audited = dict(mine, annotator="erin", audits=2, audit_decision_agreement=0.875, audit_mask_iou=0.8)
+    page.route("**/api/annotators", lambda r: r.fulfill(json={"annotators": [audited]}))
+    page.get_by_test_id("figures-refresh").click()
+    page.wait_for_function("document.querySelector('[data-testid=figures-row] [data-testid=fig-audits]')"
+                           ".textContent === '2'")
+    assert row.get_by_test_id("fig-audit-agreement").inner_text() == "87.5 %"
+    assert row.get_by_test_id("fig-audit-iou").inner_text() == "0.80"
+    assert figures_row(page, "frank").count() == 0
+    page.unroute("**/api/annotators")
+    page.get_by_test_id("figures-close").click()
+    dialog.wait_for(state="hidden")
+    assert len(releases) == 1, releases
     assert not [e for e in errors if "409" not in e and "404" not in e], errors

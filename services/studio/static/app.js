@@ -824,6 +824,81 @@ function acceptMask() {
   status(`added a mask to “${p.phrase}”`, "ok");
 }
 
+// ---------------------------------------------------------------- annotator figures
+const pct = (x) => (x === null || x === undefined ? "–" : `${(Number(x) * 100).toFixed(1)} %`);
+
+function duration(seconds) {
+  const x = Number(seconds) || 0;
+  if (x < 60) return `${x.toFixed(1)} s`;
+  const s = Math.round(x);
+  if (s < 3600) return `${Math.floor(s / 60)} min ${String(s % 60).padStart(2, "0")} s`;
+  return `${Math.floor(s / 3600)} h ${String(Math.floor((s % 3600) / 60)).padStart(2, "0")} min`;
+}
+
+let figuresSeq = 0; // answers to an earlier opening are dropped
+async function loadFigures() {
+  const seq = ++figuresSeq;
+  const dlg = $("figures");
+  dlg.dataset.state = "loading";
+  $("figures-error").hidden = true;
+  $("figures-updated").textContent = "loading…";
+  $("figures-refresh").disabled = true;
+  try {
+    const res = await api.annotators();
+    if (seq !== figuresSeq) return;
+    renderFigures(res.annotators || []);
+    $("figures-updated").textContent = `as of ${new Date().toLocaleTimeString()}`;
+    dlg.dataset.state = "ready";
+  } catch (e) {
+    if (seq !== figuresSeq) return;
+    $("figures-rows").replaceChildren();
+    $("figures-empty").hidden = true;
+    $("figures-error").textContent = `figures: ${describeError(e)}`;
+    $("figures-error").hidden = false;
+    $("figures-updated").textContent = "";
+    dlg.dataset.state = "error";
+  } finally {
+    if (seq === figuresSeq) $("figures-refresh").disabled = false;
+  }
+}
+
+function renderFigures(rows) {
+  const body = $("figures-rows");
+  body.replaceChildren();
+  for (const f of rows) {
+    const me = f.annotator === S.me;
+    const audited = f.audits > 0; // no audits yet: the agreement figures are not zero, they are unknown
+    const cell = (text, col, title) => el("td", { text, testid: `fig-${col}`, title });
+    body.append(el("tr", { class: me ? "me" : null, testid: "figures-row", "data-annotator": f.annotator,
+      "data-me": me ? "true" : null, "aria-current": me ? "true" : null },
+      el("th", { class: "text", scope: "row", testid: "fig-annotator", title: f.annotator },
+        f.annotator, me ? el("span", { class: "chip you", text: "you" }) : null),
+      cell(String(f.items), "items"),
+      cell(String(f.masks), "masks"),
+      cell(duration(f.seconds), "seconds", `${fmt(f.seconds, 1)} s`),
+      cell(fmt(f.items_per_hour, 1), "items-per-hour"),
+      cell(fmt(f.masks_per_hour, 1), "masks-per-hour"),
+      cell(fmt(f.seconds_per_item, 1), "seconds-per-item"),
+      cell(f.masks ? fmt(f.seconds_per_mask, 1) : "–", "seconds-per-mask"),
+      cell(String(f.audits), "audits"),
+      cell(audited ? pct(f.audit_decision_agreement) : "–", "audit-agreement"),
+      cell(audited ? fmt(f.audit_mask_iou, 2) : "–", "audit-iou")));
+  }
+  $("figures-empty").hidden = rows.length > 0;
+}
+
+function openFigures() {
+  const dlg = $("figures");
+  if (!dlg.open) dlg.showModal();
+  $("figures-close").focus();
+  loadFigures();
+}
+
+function closeFigures() {
+  const dlg = $("figures");
+  if (dlg.open) dlg.close();
+}
+
 // ---------------------------------------------------------------- brush and eraser
 function strokeStart(x, y, value) {
   if (!S.doc) return false;
@@ -920,6 +995,10 @@ function redo() {
 }
 
 function onKey(ev) {
+  if ($("figures").open) { // a modal: the studio's shortcuts wait until it closes
+    if (ev.key === "Escape") { ev.preventDefault(); closeFigures(); }
+    return;
+  }
   const t = ev.target;
   const typing = t && (t.tagName === "INPUT" && t.type !== "checkbox" && t.type !== "range" || t.tagName === "TEXTAREA");
   if (typing) {
@@ -983,6 +1062,14 @@ function wire() {
   $("btn-redo").addEventListener("click", redo);
   $("btn-fit").addEventListener("click", () => VIEW.fit());
   $("btn-accept-mask").addEventListener("click", acceptMask);
+  $("btn-figures").addEventListener("click", openFigures);
+  $("figures-close").addEventListener("click", closeFigures);
+  $("figures-refresh").addEventListener("click", loadFigures);
+  $("figures").addEventListener("click", (ev) => { // a click on the backdrop closes it
+    const r = $("figures").getBoundingClientRect();
+    if (ev.target === $("figures") && (ev.clientX < r.left || ev.clientX > r.right || ev.clientY < r.top || ev.clientY > r.bottom)) closeFigures();
+  });
+  $("figures").addEventListener("close", () => { figuresSeq++; $("canvas").focus({ preventScroll: true }); });
   $("btn-clear").addEventListener("click", clearPrompt);
   for (const b of document.querySelectorAll(".tool")) b.addEventListener("click", () => setTool(b.dataset.tool));
   $("brush-radius").addEventListener("input", (ev) => setRadius(Number(ev.target.value)));
