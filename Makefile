@@ -31,3 +31,4 @@ bench:
 	$(PY) bench/bench_pipeline.py
 	$(PY) bench/bench_concepts.py
 	$(PY) bench/bench_parse.py
+	$(PY) bench/bench_click.py

@@ -9,7 +9,7 @@ canvas. The page times every click itself (performance.now): click -> answer -> 
 overlay -> canvas draw, and the next animation frame; the answer's timings_ms / Server-Timing
 split the server's share (decoder and its parts, total).
 
-    .venv/bin/python bench/bench_click.py --clicks 120 [--height 1500 --width 2250] [--model-type vit_b]
+    .venv/bin/python bench/bench_click.py --clicks 120 [--height 1500 --width 2250] [--model-type vit_b] [--think-ms 300]
 
 Prints p50/p90/p99 and where the time goes, then a JSON line.
 """
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a clone without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
+import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
@@ -60,7 +61,7 @@ def scene(h: int, w: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
 
 
-def session(url: str, clicks: int, warmup: int, h: int, w: int, seed: int) -> list[dict]:
+def session(url: str, clicks: int, warmup: int, h: int, w: int, seed: int, think_ms: int) -> list[dict]:
     """The scripted annotator; the page's per-click figures (window.studio.metrics)."""
     rng = np.random.default_rng(seed)
     with launched() as browser:
@@ -95,9 +96,13 @@ def session(url: str, clicks: int, warmup: int, h: int, w: int, seed: int) -> li
                 dx, dy = rng.normal(0, 0.04 * min(h, w), 2)
                 x, y = float(np.clip(centre[0] + dx, 1, w - 2)), float(np.clip(centre[1] + dy, 1, h - 2))
                 button = "right" if rng.random() < 0.3 else "left"
+            page.wait_for_timeout(think_ms)  # an annotator looks at the mask before the next click
             before = page.evaluate("window.studio.metrics.length")
             page.mouse.click(*client(x, y), button=button)
-            page.wait_for_function("n => window.studio.metrics.length > n", arg=before, timeout=60_000)
+            # Polled every 100 ms, not on every animation frame: rAF polling keeps the software
+            # compositor busy and takes CPU from the decoder on this 2-core machine (the page times
+            # each click itself, so the polling interval does not enter the figures).
+            page.wait_for_function("n => window.studio.metrics.length > n", arg=before, polling=100, timeout=60_000)
             done += 1
             in_object += 1
             if rng.random() < 0.25:
@@ -107,6 +112,27 @@ def session(url: str, clicks: int, warmup: int, h: int, w: int, seed: int) -> li
         if errors:
             raise RuntimeError(f"page errors: {errors}")
     return metrics[warmup:]
+
+
+def http_only(url: str, clicks: int, warmup: int, h: int, w: int, seed: int) -> dict:
+    """The same kind of click (one point, three candidates) over HTTP with no browser running: the
+    server's share as a deployment sees it, where the browser runs on the annotator's machine and
+    does not compete with the decoder for this machine's two cores."""
+    rng = np.random.default_rng(seed + 1)
+    # The browser's annotator still holds the item: asking as them hands it back.
+    with httpx.Client(base_url=url, headers={"X-Annotator": "bench"}, timeout=60) as client:
+        item = client.post("/api/next").json()["item_id"]
+        trips, decoder, total = [], [], []
+        for i in range(warmup + clicks):
+            body = {"points": [{"x": float(rng.uniform(0, w)), "y": float(rng.uniform(0, h)), "label": 1}]}
+            t0 = time.perf_counter()
+            answer = client.post(f"/api/items/{item}/predict", json=body).json()
+            if i >= warmup:
+                trips.append((time.perf_counter() - t0) * 1000)
+                decoder.append(answer["timings_ms"]["decoder"])
+                total.append(answer["timings_ms"]["total"])
+    return {"round_trip_ms": percentiles(trips), "server_total_ms_p50": float(np.median(total)),
+            "decoder_ms_p50": float(np.median(decoder))}
 
 
 def main() -> None:
@@ -120,6 +146,9 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=120, help="clicks measured (at least 100 for a p99)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--think-ms", type=int, default=300,
+                        help="pause before each click, as an annotator looks at the last mask (the page's "
+                             "thumbnails and autosave run then); 0: click as soon as the mask is drawn")
     args = parser.parse_args()
     reason = chromium_missing()
     if reason:
@@ -146,7 +175,8 @@ def main() -> None:
         print(f"  {time.perf_counter() - t0:.1f} s; studio and browser ...", flush=True)
         backend = embedded_backend(settings, out, sam=sam)
         with UvicornThread(create_app(backend, 600.0)) as url:
-            metrics = session(url, args.clicks, args.warmup, args.height, args.width, args.seed)
+            metrics = session(url, args.clicks, args.warmup, args.height, args.width, args.seed, args.think_ms)
+            alone = http_only(url, args.clicks, args.warmup, args.height, args.width, args.seed)
 
     drawn = percentiles([m["click_to_drawn_ms"] for m in metrics])
     frame = percentiles([m["click_to_frame_ms"] for m in metrics if "click_to_frame_ms" in m])
@@ -169,7 +199,8 @@ def main() -> None:
         "rle_chars_3_candidates": med([m["rle_chars"] for m in metrics]),
     }
     print(f"click -> mask drawn, {args.model_type} decoder (random weights), image {args.height}x{args.width} "
-          f"(HxW), 3 candidates per click, {drawn['n']} clicks after {args.warmup} warm-up, headless chromium")
+          f"(HxW), 3 candidates per click, {drawn['n']} clicks after {args.warmup} warm-up, {args.think_ms} ms "
+          "between a mask drawn and the next click, headless chromium")
     print(f"  drawn (after the canvas draw): p50 {drawn['p50']:.1f} ms   p90 {drawn['p90']:.1f} ms   "
           f"p99 {drawn['p99']:.1f} ms   mean {drawn['mean']:.1f} ms")
     if frame["n"]:
@@ -178,11 +209,15 @@ def main() -> None:
     print("  where the time goes (median ms per click):")
     for name, ms in breakdown.items():
         print(f"    {name:28s} {ms:9.2f}")
+    trip = alone["round_trip_ms"]
+    print(f"  the same clicks over HTTP with no browser on this machine: round trip p50 {trip['p50']:.1f} ms   "
+          f"p99 {trip['p99']:.1f} ms (server {alone['server_total_ms_p50']:.1f}, decoder {alone['decoder_ms_p50']:.1f})")
     print("  (random weights give speckled masks: their RLE is far longer than a real SAM mask's, so RLE, "
           "transfer and decode are upper bounds here)")
     print(json.dumps({"bench": "click", "model_type": args.model_type, "height": args.height, "width": args.width,
+                      "think_ms": args.think_ms,
                       "clicks": drawn["n"], "click_to_drawn_ms": drawn, "click_to_frame_ms": frame,
-                      "breakdown_ms": breakdown}))
+                      "breakdown_ms": breakdown, "http_only": alone}))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ class MaskInput(Body):
 
 
 class PredictIn(Body):
+    # Accepted, not checked: a click changes nothing stored, and a check would cost every click a
+    # manifest read. The submit is what a lease guards.
     lease_token: Token | None = None
     points: Annotated[list[PointIn], Field(max_length=256)] = []
     box: BoxIn | None = None
