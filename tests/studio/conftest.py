@@ -9,6 +9,8 @@ one decoder mask, and the hard negatives "wolf" and "unicorn"; verifier 0.8: the
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +32,10 @@ from services.studio_local import InProcessBackend, embedded_backend
 from services.verifier import step as verifier_step
 from services.verifier.core import VerifierCore
 from tests.orchestrator.test_engine import GRID, ScriptedVerifier
-from tests.servers import UvicornThread
+from tests.servers import UvicornThread, grpc_loopback
 
 H, W = 240, 320
+MAX_MESSAGE = 16 << 20
 BOXES = {"dog": (40.0, 60.0, 150.0, 200.0), "frisbee": (200.0, 30.0, 290.0, 90.0)}
 SCORES = {"dog": 0.8, "frisbee": 0.85, "wolf": 0.5, "unicorn": 0.5, "cat": 0.3}
 
@@ -114,7 +117,7 @@ class Studio:
 
     def set_lease(self, seconds: float) -> None:
         """Leases claimed from now on last ``seconds`` (heartbeats every seconds / 5)."""
-        self.backend.orchestrator.desk.lease_s = seconds
+        self.backend.orchestrator.desk.lease_s = seconds  # the core behind either backend
         self.app.state.lease_s = seconds
 
     def manifest(self, name: str):
@@ -144,3 +147,28 @@ def studio(studio_run, tiny_sam, tiny_checkpoint) -> Studio:
     app = create_app(backend, settings.review_lease_s)
     with UvicornThread(app) as url:
         yield Studio(url, app, backend, items, out)
+
+
+@pytest.fixture
+def distributed_studio(studio: Studio) -> Studio:
+    """The same run as a deployment serves it: the orchestrator and decoder cores behind real gRPC
+    servers on loopback, the studio's app over the gRPC backend (as ``dataengine serve studio``)."""
+    from services.decoder.servicer import add_to_server as add_decoder
+    from services.orchestrator.servicer import add_to_server as add_orchestrator
+    from services.studio.backend import GrpcBackend
+
+    cores = studio.backend
+    with contextlib.ExitStack() as stack:
+        _, orchestrator = stack.enter_context(grpc_loopback(lambda s: add_orchestrator(s, cores.orchestrator), MAX_MESSAGE))
+        _, decoder = stack.enter_context(grpc_loopback(lambda s: add_decoder(s, cores.decoder), MAX_MESSAGE))
+        backend = GrpcBackend(orchestrator, decoder, cores.store, MAX_MESSAGE)
+        stack.callback(backend.close)
+        app = create_app(backend, studio.app.state.lease_s)
+        url = stack.enter_context(UvicornThread(app))
+        yield dataclasses.replace(studio, url=url, app=app)
+
+
+@pytest.fixture(params=["in-process", "grpc"])
+def any_studio(request) -> Studio:
+    """The studio over each backend: ``dataengine studio OUT_DIR`` and the distributed stack."""
+    return request.getfixturevalue("studio" if request.param == "in-process" else "distributed_studio")

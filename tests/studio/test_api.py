@@ -4,7 +4,6 @@ deployment); the annotator's loop end to end, and every bad request a 4xx naming
 
 from __future__ import annotations
 
-import contextlib
 import json
 from urllib.parse import quote
 
@@ -13,31 +12,14 @@ import numpy as np
 import pytest
 
 from services.common.masks import decode_rle, encode_rle
-from services.decoder.servicer import add_to_server as add_decoder
-from services.orchestrator.servicer import add_to_server as add_orchestrator
-from services.studio.app import create_app
-from services.studio.backend import GrpcBackend
-from tests.servers import UvicornThread, grpc_loopback
 from tests.studio.conftest import H, W, Studio
 
-MAX_MESSAGE = 16 << 20
 
 
-@pytest.fixture(params=["in-process", "grpc"])
-def api(request, studio: Studio):
-    """(studio, base URL of an app over the chosen backend)."""
-    if request.param == "in-process":
-        yield studio, studio.url
-        return
-    backend = studio.backend
-    with contextlib.ExitStack() as stack:
-        _, orch_address = stack.enter_context(grpc_loopback(lambda s: add_orchestrator(s, backend.orchestrator),
-                                                            MAX_MESSAGE))
-        _, dec_address = stack.enter_context(grpc_loopback(lambda s: add_decoder(s, backend.decoder), MAX_MESSAGE))
-        grpc_backend = GrpcBackend(orch_address, dec_address, backend.store, MAX_MESSAGE)
-        stack.callback(grpc_backend.close)
-        url = stack.enter_context(UvicornThread(create_app(grpc_backend, 600.0)))
-        yield studio, url
+@pytest.fixture
+def api(any_studio: Studio):
+    """(studio, base URL of its app), over each backend."""
+    return any_studio, any_studio.url
 
 
 def client(url: str, name: str | None = "ann") -> httpx.Client:

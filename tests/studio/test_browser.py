@@ -132,7 +132,8 @@ def figures_row(page, annotator: str):
 
 
 # ------------------------------------------------------------------------------------------ tests
-def test_an_annotator_fixes_an_item_and_the_manifest_holds_exactly_that(studio, chromium):  # noqa: F811
+def test_an_annotator_fixes_an_item_and_the_manifest_holds_exactly_that(any_studio, chromium):  # noqa: F811
+    studio = any_studio  # in process and over gRPC servers (the distributed stack)
     errors: list[str] = []
     page = chromium.page()
     watch_console(page, errors)
@@ -304,7 +305,8 @@ def test_two_annotators_never_see_the_same_item(studio, chromium):  # noqa: F811
     alice.get_by_test_id("empty-state").wait_for()
 
 
-def test_stage1_item_masks_made_by_clicks(studio, chromium):  # noqa: F811
+def test_stage1_item_masks_made_by_clicks(any_studio, chromium):  # noqa: F811
+    studio = any_studio  # in process and over gRPC servers (the distributed stack)
     # stage-1 items come last in the queue: two other annotators hold the items before it
     held = {claim(studio, "xavier")["item_id"], claim(studio, "yvonne")["item_id"]}
     assert studio.items["stage1"] not in held
