@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -35,6 +36,13 @@ def collect_images(paths: list[Path]) -> list[Path]:
         else:
             fail(f"{path} does not exist")
     return list(found)
+
+
+def file_name(path: Path, root: Path | None = None) -> str:
+    """``path`` (relative to ``root``) as valid UTF-8 text for manifests, protos and reports: bytes
+    of a name that are not UTF-8 are shown escaped (``bad\\xffname.png``) rather than stopping a run."""
+    name = (path.relative_to(root) if root is not None else path).as_posix()
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def settings(**overrides) -> Settings:

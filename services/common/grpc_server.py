@@ -25,6 +25,49 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.max_receive_message_length", max_message_bytes)]
 
 
+MAX_DETAILS_CHARS = 2000  # gRPC trailers are limited (8 KiB by default): a longer message is cut
+
+
+def _details(message: str) -> str:
+    return message if len(message) <= MAX_DETAILS_CHARS else message[:MAX_DETAILS_CHARS] + " ... (cut)"
+
+
+class _Undecodable:
+    """What a request that is not its message type decodes to; the handler answers for it."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.type_name, self.error = type_name, error
+
+
+class InvalidMessages(grpc.ServerInterceptor):
+    """Bytes that are not the method's request message are INVALID_ARGUMENT naming the type, not
+    grpcio's INTERNAL "Exception deserializing request!"."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        decode, behaviour = handler.request_deserializer, handler.unary_unary
+        owner = getattr(decode, "__self__", None)
+        type_name = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request")
+
+        def safe_decode(data: bytes):
+            try:
+                return decode(data)
+            except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and others
+                return _Undecodable(type_name, exc)
+
+        def run(request, context):
+            if isinstance(request, _Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              _details(f"the request to {handler_call_details.method} is not a serialized "
+                                       f"{request.type_name} message: {request.error}"))
+            return behaviour(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(run, request_deserializer=safe_decode,
+                                                   response_serializer=handler.response_serializer)
+
+
 def rpc(method: Callable) -> Callable:
     """Servicer-method decorator: domain errors become their gRPC status with the message as details;
     anything else is logged and answered INTERNAL, and the server keeps serving."""
@@ -35,10 +78,10 @@ def rpc(method: Callable) -> Callable:
             return method(self, request, context)
         except DataEngineError as exc:
             log.info("rejected", extra={"rpc": method.__name__, "code": exc.code.name})
-            context.abort(exc.code, str(exc))
+            context.abort(exc.code, _details(str(exc)))
         except Exception as exc:  # noqa: BLE001 - the server must survive any request
             log.exception("rpc failed", extra={"rpc": method.__name__})
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            context.abort(grpc.StatusCode.INTERNAL, _details(f"{type(exc).__name__}: {exc}"))
 
     return wrapper
 
@@ -51,7 +94,7 @@ def build_server(add_servicers: Callable[[grpc.Server], list[str]], address: str
     (e.g. ``"dataengine.v1.Embedder"``). Returns the server and the bound port.
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         options=channel_options(max_message_bytes))
+                         options=channel_options(max_message_bytes), interceptors=[InvalidMessages()])
     names = add_servicers(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

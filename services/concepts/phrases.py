@@ -17,6 +17,7 @@ from typing import Sequence
 
 from services.common.concepts import Proposal
 from services.common.errors import InvalidInput
+from services.common.limits import check_labels
 
 # Dropped from the front of a phrase: they count or point at the object, they do not name it.
 LEADING_WORDS = frozenset((
@@ -125,6 +126,8 @@ def clean_phrase(text: str) -> str:
 def _clean(text: str) -> str:
     # NFKC folds full-width letters and ligatures; typographic apostrophes become ASCII ones.
     text = unicodedata.normalize("NFKC", text).replace("\u2019", "'").replace("\u2018", "'").lower()
+    # A model's control characters (NUL, ESC ...) separate words at most; none survives.
+    text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
     words: list[str] = []
     for raw in _strip_punctuation(" ".join(text.split())).split():
         if raw in ("'s", "'"):  # a possessive split off by a tokenizer: "dog 's bowl"
@@ -164,12 +167,8 @@ def clean_labels(known_labels: Sequence[str]) -> list[str]:
     An empty, non-text or nothing-left label ("the", "!!") is ``InvalidInput`` naming its index:
     it is a caller's mistake, not a phrase. An empty list is valid (nothing is known).
     """
-    if isinstance(known_labels, (str, bytes)):
-        raise InvalidInput("known_labels must be a list of phrases, not one string")
     labels: list[str] = []
-    for i, label in enumerate(known_labels):
-        if not isinstance(label, str) or not label.strip():
-            raise InvalidInput(f"known label {i} is empty or not text: {label!r:.100}")
+    for i, label in enumerate(check_labels(known_labels)):
         text = clean_phrase(label)
         if not text:
             raise InvalidInput(f"known label {i} {label!r:.100} names nothing once articles, numbers and "

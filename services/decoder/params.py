@@ -53,7 +53,7 @@ class AmgParams:
     def __post_init__(self) -> None:
         _integer(self, "points_per_side", 1, MAX_POINTS_PER_SIDE)
         _integer(self, "points_per_batch", 1, MAX_POINTS_PER_BATCH)
-        _number(self, "pred_iou_thresh", -math.inf, math.inf)
+        _number(self, "pred_iou_thresh", -math.inf, 1.0)  # above 1: no predicted IoU passes
         _number(self, "stability_score_thresh", 0.0, 1.0)
         _number(self, "stability_score_offset", 0.0, math.inf)
         _number(self, "box_nms_thresh", 0.0, 1.0)

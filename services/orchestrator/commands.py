@@ -14,7 +14,8 @@ from typing import Iterator, Optional
 import typer
 from rich.table import Table
 
-from services.cli_common import collect_images, console, fail, progress, settings as make_settings, stdout
+from services.cli_common import (collect_images, console, fail, file_name, progress, settings as make_settings,
+                                 stdout)
 from services.common.errors import DataEngineError
 from services.common.settings import Settings
 
@@ -80,7 +81,7 @@ def run(
         with progress() as bar:
             task = bar.add_task("images", total=len(files))
             for path in files:
-                result = engine.process(path, path.relative_to(root).as_posix(), label, chosen_stage)
+                result = engine.process(path, file_name(path, root), label, chosen_stage)
                 results.append(result)
                 if result.state == "failed":
                     bar.console.print(f"[red]{result.file}: {result.reason}[/red]")
@@ -163,7 +164,12 @@ def submit(
     address: Optional[str] = typer.Option(None, "--address", help="Orchestrator host:port."),
     batch: int = typer.Option(16, "--batch", min=1, help="Images per request."),
 ) -> None:
-    """Submit images to a running orchestrator; prints one `ITEM_ID<TAB>FILE` line per image."""
+    """Submit images to a running orchestrator; prints one `ITEM_ID<TAB>FILE` line per image.
+
+    A file that is empty, unreadable or refused fails alone: the others are submitted, each bad one
+    is reported on stderr, and the command exits 1."""
+    import grpc
+
     from services.common.pb import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
     settings = make_settings()
@@ -172,14 +178,47 @@ def submit(
     if not files:
         fail("no image files found in " + ", ".join(map(str, images)))
     stub = orchestrator_pb2_grpc.OrchestratorStub(_channel(settings, address))
-    # Half the message limit leaves room for the request's other fields and protobuf framing.
-    for group in _batches(files, settings.max_message_bytes // 2, batch):
+    bad = 0
+
+    def refused(path: Path, why: str) -> None:
+        nonlocal bad
+        bad += 1
+        console.print(f"[red]{file_name(path)}: {why}[/red]")
+
+    def send(group: list[tuple[Path, bytes]]) -> None:
         request = orchestrator_pb2.SubmitRequest(
-            images=[common_pb2.ImageRef(data=p.read_bytes(), filename=str(p)) for p in group],
+            images=[common_pb2.ImageRef(data=data, filename=file_name(p)) for p, data in group],
             known_labels=label, stage=int(chosen_stage))
-        reply = _call(stub.Submit, request)
-        for item_id, path in zip(reply.item_ids, group):
-            typer.echo(f"{item_id}\t{path}")
+        try:
+            reply = stub.Submit(request, timeout=120)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or len(group) == 1:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    return refused(group[0][0], exc.details())
+                fail(f"{exc.code().name}: {exc.details()}", code=1)
+            for one in group:  # the server refuses a request whole: find the bad file
+                send([one])
+            return
+        for item_id, (path, _) in zip(reply.item_ids, group):
+            typer.echo(f"{item_id}\t{file_name(path)}")
+
+    # Half the message limit leaves room for the request's other fields and protobuf framing.
+    for paths in _batches(files, settings.max_message_bytes // 2, batch):
+        group = []
+        for path in paths:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                refused(path, f"cannot read it: {exc.strerror or exc}")
+                continue
+            if not data:
+                refused(path, "empty (0 bytes)")
+                continue
+            group.append((path, data))
+        if group:
+            send(group)
+    if bad:
+        fail(f"{bad} of {len(files)} files were not submitted", code=1)
 
 
 def status(

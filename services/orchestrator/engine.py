@@ -25,6 +25,7 @@ from typing import Callable, Protocol, Sequence
 from services.common import keys
 from services.common.decoded import DecodeOutput
 from services.common.errors import InvalidInput, NotFound
+from services.common.limits import MAX_ID_CHARS, check_labels
 from services.common.masks import MaskRecord
 from services.common.steps import StepReport, StepRequest
 from services.common.storage import ObjectStore, check_key
@@ -38,7 +39,6 @@ from services.orchestrator.routing import Thresholds
 
 log = logging.getLogger(__name__)
 
-MAX_LABELS = 256
 MAX_PAGE_SIZE = 1000
 
 
@@ -76,6 +76,8 @@ class Orchestrator:
     # -- items -----------------------------------------------------------------------------------
 
     def load(self, item_id: str) -> Item:
+        if len(item_id) > MAX_ID_CHARS:  # and no echo of it: a huge id would not fit a gRPC trailer
+            raise InvalidInput(f"bad item id: {len(item_id)} characters, at most {MAX_ID_CHARS}")
         try:
             data = self.store.get(manifest_key(item_id))
         except InvalidInput:
@@ -151,13 +153,14 @@ class Orchestrator:
             except (NotFound, InvalidInput) as exc:
                 log.warning("report for an unknown item dropped: %s", exc)
                 return None
-            if item.settled:
-                return item
-            if report.step in item.done:
-                # A redelivery: the step ran again and overwrote the same output. Dispatch what
-                # it enables again, in case the first application died before dispatching.
-                for request in self._enabled_by(item, report.step):
-                    self.dispatcher.send(request)
+            if item.settled or report.step in item.done:
+                # Applied before (a redelivery): whoever applied it may have died between the
+                # manifest and the index, so the index is set to the manifest again; and what the
+                # step enables is dispatched again, in case it died before dispatching.
+                self.index.put(item)
+                if not item.settled:
+                    for request in self._enabled_by(item, report.step):
+                        self.dispatcher.send(request)
                 return item
             if report.dead_letter:
                 self.index.add_dead_letter({"item_id": item.item_id, "step": report.step,
@@ -288,6 +291,10 @@ class Orchestrator:
                    token: str = "") -> tuple[list[Item], str]:
         if not 0 < page_size <= MAX_PAGE_SIZE:
             raise InvalidInput(f"page_size must be in [1, {MAX_PAGE_SIZE}], got {page_size}")
+        if token and (len(token) > MAX_ID_CHARS or token not in set(self.index.ids())):
+            # A token is the last item id of the page before; anything else would silently give an
+            # empty or shifted page.
+            raise InvalidInput(f"page_token {token[:80]!r} is not one ListItems returned; start without one")
         ids, next_token = page(self.index.ids(state, stage), page_size, token)
         return [self.load(i) for i in ids], next_token
 
@@ -332,13 +339,4 @@ def _need(out: dict, name: str, kind: type):
 
 
 def _labels(known_labels: Sequence[str]) -> list[str]:
-    if isinstance(known_labels, str):
-        raise InvalidInput("known_labels must be a list of phrases, not one string")
-    labels = []
-    for label in known_labels:
-        if not isinstance(label, str) or not label.strip():
-            raise InvalidInput(f"known label {label!r} is empty or not text")
-        labels.append(label.strip())
-    if len(labels) > MAX_LABELS:
-        raise InvalidInput(f"{len(labels)} known labels; at most {MAX_LABELS}")
-    return labels
+    return [label.strip() for label in check_labels(known_labels)]

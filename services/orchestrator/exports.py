@@ -285,10 +285,19 @@ def _check_format(fmt: str) -> str:
     return name
 
 
+EXPORT_ROOT = "exports"  # every export into the store lands under it, never beside the engine's own data
+
+
 def _check_prefix(prefix: str) -> str:
-    prefix = check_key(str(prefix).strip("/"))
-    if prefix == "items" or prefix.startswith("items/"):
-        raise InvalidInput(f"export prefix {prefix!r} is inside items/, where manifests live")
+    """``exports`` or a relative key under ``exports/`` (a trailing slash is dropped). An absolute
+    prefix, or one elsewhere in the bucket (``images/``, ``items/`` ...), is refused, not mended."""
+    text = str(prefix)
+    if text.startswith("/"):
+        raise InvalidInput(f"export prefix {text!r:.200} is absolute; give a relative one under {EXPORT_ROOT}/")
+    prefix = check_key(text.rstrip("/"))
+    if prefix != EXPORT_ROOT and not prefix.startswith(EXPORT_ROOT + "/"):
+        raise InvalidInput(f"export prefix {prefix!r:.200} is outside {EXPORT_ROOT}/: exports are written under "
+                           f"{EXPORT_ROOT}/ (e.g. {EXPORT_ROOT}/run1), never beside images, embeddings or manifests")
     return prefix
 
 

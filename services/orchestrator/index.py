@@ -144,11 +144,12 @@ class RedisIndex:
     propose report of one item at once would otherwise lose one of the two updates.
     """
 
-    def __init__(self, url: str, lock_timeout_s: float = 60.0) -> None:
+    def __init__(self, url: str, lock_timeout_s: float = 60.0, lock_ttl_s: float = 5.0) -> None:
         import redis
 
         self.redis = redis.Redis.from_url(url, decode_responses=True)
         self.lock_timeout_s = lock_timeout_s
+        self.lock_ttl_s = lock_ttl_s
         self._put = self.redis.register_script(_PUT)
 
     def _call(self, what: str, fn):
@@ -215,13 +216,30 @@ class RedisIndex:
 
     @contextmanager
     def lock(self, item_id: str) -> Iterator[None]:
-        lock = self.redis.lock(PREFIX + "lock:" + item_id, timeout=self.lock_timeout_s,
-                               blocking_timeout=self.lock_timeout_s)
+        """The item's lock, waiting up to ``lock_timeout_s`` for it. It lives ``lock_ttl_s`` and is
+        renewed every third of that while held: a holder that dies (SIGKILL, OOM) frees it within
+        ``lock_ttl_s``, not after the longest any report could take."""
+        # thread_local=False: the renewing thread must see the token the holder acquired with.
+        lock = self.redis.lock(PREFIX + "lock:" + item_id, timeout=self.lock_ttl_s,
+                               blocking_timeout=self.lock_timeout_s, thread_local=False)
         if not self._call("lock", lock.acquire):
             raise TransientError(f"item {item_id} stayed locked for {self.lock_timeout_s} s")
+        released = threading.Event()
+
+        def renew() -> None:
+            while not released.wait(self.lock_ttl_s / 3):
+                try:
+                    lock.extend(self.lock_ttl_s, replace_ttl=True)
+                except Exception:  # noqa: BLE001 - lost (expired meanwhile): the holder's write still lands
+                    return
+
+        renewer = threading.Thread(target=renew, name=f"lock-{item_id}", daemon=True)
+        renewer.start()
         try:
             yield
         finally:
+            released.set()
+            renewer.join()
             try:
                 lock.release()
             except Exception:  # noqa: BLE001 - expired: the next holder already has it

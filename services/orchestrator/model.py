@@ -98,7 +98,8 @@ QUEUE_BANDS = ("review", "fix", "audit", "stage1")
 
 def item_id_for(source: str, image_id: str) -> str:
     """Deterministic id: the same file (source name and content) submitted twice is one item."""
-    return hashlib.sha256(f"{source}\n{image_id}".encode()).hexdigest()[:24]
+    # surrogateescape: a source name carrying undecodable bytes still has one id, never a crash
+    return hashlib.sha256(f"{source}\n{image_id}".encode("utf-8", "surrogateescape")).hexdigest()[:24]
 
 
 @dataclass

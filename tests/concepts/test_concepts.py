@@ -130,6 +130,11 @@ BAD_CALLS = {
     "one string": (("cat", {}), "not one string"),
     "negative max_positives": ((["cat"], {"max_positives": -1}), "max_positives"),
     "unknown backend": ((["cat"], {"backend": "gpt-9"}), "unknown concepts backend 'gpt-9'; one of labels"),
+    # the hostile-input run: a 1 MB label came back whole, NUL and ESC survived cleaning
+    "1 MB label": ((["x" * (1 << 20)], {}), "known label 0 has 1048576 characters .* at most 200"),
+    "NUL in a label": ((["dog\x00cat"], {}), "known label 0 'dog.x00cat' holds control characters"),
+    "ESC in a label": ((["\x1b[31mdog"], {}), "control characters"),
+    "too many labels": (([f"thing {i}" for i in range(257)], {}), "257 known labels; at most 256"),
 }
 
 
@@ -243,6 +248,8 @@ BAD_REQUESTS = {
     "image without source": ({"image": common_pb2.ImageRef(filename="x")}, grpc.StatusCode.INVALID_ARGUMENT,
                              "neither data nor key"),
     "empty label": ({"known_labels": ["cat", ""]}, grpc.StatusCode.INVALID_ARGUMENT, "known label 1 is empty"),
+    "1 MB label": ({"known_labels": ["x" * (1 << 20)]}, grpc.StatusCode.INVALID_ARGUMENT, "at most 200"),
+    "ESC in a label": ({"known_labels": ["\x1b[2Jdog"]}, grpc.StatusCode.INVALID_ARGUMENT, "control characters"),
     "unknown backend": ({"backend": "gpt-9"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown concepts backend"),
     "negative max_negatives": ({"max_negatives": -2}, grpc.StatusCode.INVALID_ARGUMENT, "max_negatives"),
     "missing key": ({"image": common_pb2.ImageRef(key="uploads/none.png")}, grpc.StatusCode.NOT_FOUND,

@@ -20,6 +20,9 @@ from tests.common.image_cases import png
 # raw text -> clean phrase
 CLEAN_CASES = {
     "Red Car": "red car",                                # lower-case
+    "dog\x00cat": "dog cat",                             # a model's control characters never survive
+    "\x1b[31mred\x1b[0m car": "31mred [0m car",        # ESC gone: what is left is plain text
+    "hot\tdog\n": "hot dog",
     "dogs": "dog",                                       # plural head noun
     "yellow taxis": "yellow taxi",                       # plural ending in "is"
     "skis": "ski",

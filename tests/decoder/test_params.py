@@ -35,6 +35,7 @@ def test_kwargs_build_the_official_generator():
     ("pred_iou_thresh", math.nan, "finite"),             # NaN compares false with everything
     ("pred_iou_thresh", math.inf, "finite"),
     ("pred_iou_thresh", "0.5", "number"),                # a string is not a threshold
+    ("pred_iou_thresh", 1.5, "[-inf, 1.0]"),              # no predicted IoU passes above 1
     ("stability_score_thresh", 1.5, "[0.0, 1.0]"),       # a score is an IoU
     ("stability_score_thresh", -0.1, "[0.0, 1.0]"),
     ("stability_score_offset", -1.0, "[0.0, inf]"),

@@ -147,7 +147,7 @@ def test_exports_into_minio_under_a_prefix(minio_store):
     minio_store.put("masks/m/x/p.json", json.dumps(sa1b_document("x", (H, W), [mask(0, 0)])).encode())
     save(minio_store, "photo.jpg", [positive("dog", mask(0, 0)), negative("cat")], grid_masks_key="masks/m/x/p.json")
     save(minio_store, "sub/photo.jpg", [positive("dog")])
-    keys, summary = exports.export_to_store(minio_store, "sa1b", "/exports/run1/")
+    keys, summary = exports.export_to_store(minio_store, "sa1b", "exports/run1/")
     assert len(keys) == 2 and "exports/run1/photo.json" in keys and summary.images == 2
     docs = {d["image"]["file_name"]: d for d in (json.loads(minio_store.get(k)) for k in keys)}
     assert docs["photo.jpg"]["annotations"][0]["area"] == 48 and docs["sub/photo.jpg"]["annotations"] == []
@@ -181,7 +181,8 @@ def test_missing_grid_masks_document_skips_the_item(local_store, tmp_path):
     (lambda store, tmp: exports.export(store, "voc", tmp / "x.json"), "'voc'"),          # names the format
     (lambda store, tmp: exports.export_to_store(store, "yolo", "out"), "'yolo'"),
     (lambda store, tmp: exports.export_to_store(store, "coco", "items/x"), "manifests"),  # would mix with manifests
-    (lambda store, tmp: exports.export_to_store(store, "coco", "../up"), "'..'"),
+    (lambda store, tmp: exports.export_to_store(store, "coco", "/exports/x"), "absolute"),  # refused, not mended
+    (lambda store, tmp: exports.export_to_store(store, "coco", "exports/../up"), "'..'"),
 ])
 def test_bad_format_or_prefix_is_invalid_input(local_store, tmp_path, call, match):
     with pytest.raises(InvalidInput, match=match):

@@ -79,3 +79,22 @@ def test_run_names_bad_arguments(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_a_file_name_that_is_not_utf8_fails_nothing(tmp_path, tiny_checkpoint):
+    import os
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(folder / "good.png")
+    odd = os.path.join(os.fsencode(folder), b"bad\xff\xfename.png")
+    with open(odd, "wb") as f:
+        f.write((folder / "good.png").read_bytes()[:-8] + b"12345678")  # another file, same picture
+    out = tmp_path / "out"
+    result = run(folder, out, tiny_checkpoint)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    files = {r["file"]: r for r in report["items"]}
+    assert set(files) == {"good.png", "bad\\xff\\xfename.png"}  # the odd bytes shown escaped
+    assert files["good.png"]["state"] != "failed"
+    assert files["bad\\xff\\xfename.png"]["item_id"]  # it became an item like any file
