@@ -107,11 +107,12 @@ def serve(
     from services.serve import SERVICES, run_service
 
     if service == "studio":
+        from services.serve import open_tokens
         from services.studio.server import grpc_backend, serve as serve_studio
 
         settings = _settings()
         try:
-            serve_studio(grpc_backend(settings), settings)
+            serve_studio(grpc_backend(settings), settings, tokens=open_tokens(settings))
         except (DataEngineError, ValueError) as exc:
             _fail(str(exc), code=1)
         return

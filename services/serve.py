@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+from services.common.auth import TokenFile
 from services.common.grpc_server import build_server, serve_until_signal
 from services.common.logs import setup_logging
 from services.common.queues import SERVICES as QUEUES, create_celery
@@ -126,16 +127,25 @@ def make_worker_app(service: str, settings: Settings):
     return app
 
 
+def open_tokens(settings: Settings) -> TokenFile | None:
+    """The tokens file the settings name; without one every caller may do everything: said loudly."""
+    if settings.auth_tokens_file is None:
+        log.warning("no DATAENGINE_AUTH_TOKENS_FILE: any client may call every RPC; set it in a deployment")
+        return None
+    return TokenFile(settings.auth_tokens_file)
+
+
 def run_service(service: str, settings: Settings, grpc_server: bool = True, worker: bool = True) -> None:
     """Serve until SIGTERM: gRPC in a thread pool, the Celery worker (solo pool) in the main thread."""
     setup_logging(settings.log_level)
     parts = SERVICES[service]()
+    tokens = open_tokens(settings) if grpc_server else None
     core = parts.make_core(settings)
     server = None
     if grpc_server:
         address = f"{settings.host}:{settings.port_of(service)}"
         server, port = build_server(lambda s: parts.add_to_server(s, core), address,
-                                    settings.max_message_bytes, settings.grpc_workers)
+                                    settings.max_message_bytes, settings.grpc_workers, tokens)
         log.info("gRPC serving", extra={"service": service, "key": f"port {port}"})
     if not worker:
         serve_until_signal(server, settings.shutdown_grace_s)

@@ -20,6 +20,7 @@ def studio(
     port: Optional[int] = typer.Option(None, "--port", help="HTTP port (default DATAENGINE_STUDIO_PORT, 8080)."),
 ) -> None:
     """Review OUT_DIR's items in the browser (stages 1 and 2); then `dataengine refresh OUT_DIR`."""
+    from services.studio.identity import Caller
     from services.studio.server import serve
     from services.studio_local import embedded_backend
 
@@ -28,10 +29,10 @@ def studio(
         backend = embedded_backend(settings, out_dir)
     except (DataEngineError, ValueError, OSError) as exc:
         fail(str(exc), code=1)
-    waiting = sum(backend.waiting().values())
+    waiting = sum(backend.waiting(Caller("studio")).values())
     console.print(f"{waiting} items wait for a human; open http://{host}:{port or settings.studio_port}/ "
                   f"(Ctrl-C to stop, then: dataengine refresh {out_dir})")
-    serve(backend, settings, host, port)
+    serve(backend, settings, host, port, tokens=None)  # one trusted machine: sign-in by name
 
 
 def register(app: typer.Typer) -> None:

@@ -22,10 +22,12 @@ from services.orchestrator.engine import Orchestrator
 from services.orchestrator.index import MemoryIndex
 from services.orchestrator.model import Item
 from services.orchestrator.routing import Thresholds
+from services.studio.identity import Caller
 
 
 class InProcessBackend:
-    """StudioBackend over an orchestrator and a decoder core in this process."""
+    """StudioBackend over an orchestrator and a decoder core in this process (the caller's name
+    acts; there is no token to check: ``dataengine studio`` runs on a trusted machine)."""
 
     def __init__(self, orchestrator: Orchestrator, decoder: DecoderCore) -> None:
         self.orchestrator, self.decoder, self.store = orchestrator, decoder, orchestrator.store
@@ -34,29 +36,29 @@ class InProcessBackend:
     def _proto(item: Item, lease: Lease | None = None) -> pb.Item:
         return item.to_proto(None, lease)  # the page draws no grid masks
 
-    def next_item(self, annotator: str) -> pb.Item | None:
-        item = self.orchestrator.next_review(annotator)
+    def next_item(self, caller: Caller) -> pb.Item | None:
+        item = self.orchestrator.next_review(caller.name)
         return None if item is None else self._proto(item, item.lease)
 
-    def get_item(self, item_id: str) -> pb.Item:
+    def get_item(self, caller: Caller, item_id: str) -> pb.Item:
         return self._proto(self.orchestrator.load(item_id))
 
-    def heartbeat(self, item_id: str, annotator: str, token: str) -> Lease:
-        return self.orchestrator.desk.heartbeat(item_id, annotator, token)
+    def heartbeat(self, caller: Caller, item_id: str, token: str) -> Lease:
+        return self.orchestrator.desk.heartbeat(item_id, caller.name, token)
 
-    def release(self, item_id: str, annotator: str, token: str) -> None:
-        self.orchestrator.desk.release(item_id, annotator, token)
+    def release(self, caller: Caller, item_id: str, token: str) -> None:
+        self.orchestrator.desk.release(item_id, caller.name, token)
 
-    def submit(self, submission: ReviewSubmission) -> pb.Item:
+    def submit(self, caller: Caller, submission: ReviewSubmission) -> pb.Item:
         return self._proto(self.orchestrator.submit_review(submission))
 
-    def waiting(self) -> dict[str, int]:
+    def waiting(self, caller: Caller) -> dict[str, int]:
         return self.orchestrator.desk.waiting()
 
-    def figures(self) -> list[AnnotatorFigures]:
+    def figures(self, caller: Caller) -> list[AnnotatorFigures]:
         return self.orchestrator.desk.figures()
 
-    def predict(self, request: decoder_pb2.PredictRequest) -> tuple[decoder_pb2.PredictResponse, dict[str, float]]:
+    def predict(self, caller: Caller, request: decoder_pb2.PredictRequest) -> tuple[decoder_pb2.PredictResponse, dict[str, float]]:
         timings: dict[str, float] = {}
         result = self.decoder.predict(Prompt.from_proto(request), timings)
         return result.to_proto(), timings

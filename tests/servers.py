@@ -43,15 +43,16 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def grpc_loopback(add_services, max_message_bytes: int, client_max_bytes: int | None = None):
+def grpc_loopback(add_services, max_message_bytes: int, client_max_bytes: int | None = None, tokens=None):
     """A gRPC server on a free loopback port with ``add_services(server)`` registered, and a
     channel to it. Yields (channel, "127.0.0.1:PORT"). client_max_bytes: the channel's own limit
-    (default: the server's), larger to see how the server answers an oversized request."""
+    (default: the server's), larger to see how the server answers an oversized request.
+    tokens: a ``TokenFile`` the server checks callers against (None: no authentication)."""
     import grpc
 
     from services.common.grpc_server import build_server, channel_options
 
-    server, port = build_server(add_services, "127.0.0.1:0", max_message_bytes, workers=2)
+    server, port = build_server(add_services, "127.0.0.1:0", max_message_bytes, workers=2, tokens=tokens)
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}",
                                     options=channel_options(client_max_bytes or max_message_bytes))

@@ -42,8 +42,21 @@ class TransientError(DataEngineError):
 def error_from_rpc(exc: grpc.RpcError) -> DataEngineError:
     """The domain error a gRPC client got back (a peer's status code and details), so a client of
     another service raises what that service's core raised; unknown codes are transient."""
-    by_code = {cls.code: cls for cls in (InvalidInput, NotFound, FailedPrecondition)}
+    by_code = {cls.code: cls for cls in (InvalidInput, NotFound, FailedPrecondition, Unauthenticated,
+                                          PermissionDenied)}
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
     cls = by_code.get(code, TransientError)
     return cls(details if cls is not TransientError else f"{code.name}: {details}")
+
+
+class Unauthenticated(DataEngineError):
+    """No credentials, or credentials nobody issued."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(DataEngineError):
+    """A known caller whose role does not allow what it asked (or who acts as someone else)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED

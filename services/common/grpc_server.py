@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.auth import OPEN_PREFIXES, TokenFile, authorize, reset_principal, set_principal
 from services.common.errors import DataEngineError
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,61 @@ class InvalidMessages(grpc.ServerInterceptor):
                                                    response_serializer=handler.response_serializer)
 
 
+def _refusal(code: grpc.StatusCode, message: str):
+    def refuse(request, context):
+        context.abort(code, _details(message))
+
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Every call but health and reflection needs a token whose role may call the method
+    (services.common.auth); the servicer then sees the caller as ``current_principal()``."""
+
+    def __init__(self, tokens: TokenFile) -> None:
+        self.tokens = tokens
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(OPEN_PREFIXES):
+            return continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        try:
+            principal = authorize(self.tokens, metadata.get("authorization"), method)
+        except DataEngineError as exc:
+            log.info("refused", extra={"rpc": method, "code": exc.code.name})
+            return _refusal(exc.code, str(exc))
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        behaviour = handler.unary_unary
+
+        def run(request, context):
+            token = set_principal(principal)
+            try:
+                return behaviour(request, context)
+            finally:
+                reset_principal(token)
+
+        return grpc.unary_unary_rpc_method_handler(run, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        details = client_call_details._replace(metadata=tuple(client_call_details.metadata or ()) + self.metadata)
+        return continuation(details, request)
+
+
+def client_channel(target: str, max_message_bytes: int, token: str = "") -> grpc.Channel:
+    """A channel to one of our servers that sends ``token`` (DATAENGINE_AUTH_TOKEN) with every call."""
+    channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+    return grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
+
+
 def rpc(method: Callable) -> Callable:
     """Servicer-method decorator: domain errors become their gRPC status with the message as details;
     anything else is logged and answered INTERNAL, and the server keeps serving."""
@@ -87,14 +143,16 @@ def rpc(method: Callable) -> Callable:
 
 
 def build_server(add_servicers: Callable[[grpc.Server], list[str]], address: str,
-                 max_message_bytes: int, workers: int = 4) -> tuple[grpc.Server, int]:
+                 max_message_bytes: int, workers: int = 4, tokens: TokenFile | None = None) -> tuple[grpc.Server, int]:
     """A started-ready server on ``address`` ("host:port"; port 0 picks one).
 
     ``add_servicers`` registers the service's servicers and returns their full names
-    (e.g. ``"dataengine.v1.Embedder"``). Returns the server and the bound port.
+    (e.g. ``"dataengine.v1.Embedder"``). ``tokens``: who may call what (None: anyone, everything).
+    Returns the server and the bound port.
     """
+    interceptors = ([AuthInterceptor(tokens)] if tokens is not None else []) + [InvalidMessages()]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         options=channel_options(max_message_bytes), interceptors=[InvalidMessages()])
+                         options=channel_options(max_message_bytes), interceptors=interceptors)
     names = add_servicers(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     orchestrator_address: str = "localhost:50055"
     decoder_address: str = "localhost:50052"
 
+    # Who may do what (services/common/auth.py): the servers' token digests, the clients' token
+    auth_tokens_file: Path | None = None  # None: no authentication (the embedded mode; warned in a deployment)
+    auth_token: str = ""  # what the CLI and the studio send as "authorization: Bearer <token>"
+
     # Input limits
     max_image_pixels: int = Field(89_478_485, ge=1)  # Pillow's decompression-bomb limit
     max_message_bytes: int = Field(64 * MiB, ge=1 * MiB)  # gRPC send/receive limit

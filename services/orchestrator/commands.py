@@ -125,12 +125,10 @@ def refresh(
 
 
 def _channel(settings: Settings, address: str | None):
-    import grpc
-
-    from services.common.grpc_server import channel_options
+    from services.common.grpc_server import client_channel
 
     target = address or f"localhost:{settings.orchestrator_port}"
-    return grpc.insecure_channel(target, options=channel_options(settings.max_message_bytes))
+    return client_channel(target, settings.max_message_bytes, settings.auth_token)
 
 
 def _call(fn, *args):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from services.common.auth import acting_as
 from services.common.errors import InvalidInput, NotFound
 from services.common.grpc_server import rpc
 from services.common.pb import orchestrator_pb2, orchestrator_pb2_grpc
@@ -61,24 +62,25 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
     @rpc
     def NextReview(self, request, context) -> orchestrator_pb2.Item:
-        item = self.core.next_review(request.annotator, Stage.parse(request.stage) if request.stage else None)
+        item = self.core.next_review(acting_as(request.annotator), Stage.parse(request.stage) if request.stage else None)
         if item is None:
             raise NotFound("no item is waiting for review")
         return self._item(item, item.lease)
 
     @rpc
     def SubmitReview(self, request, context) -> orchestrator_pb2.Item:
+        request.annotator = acting_as(request.annotator)  # the token's principal where auth is on
         return self._item(self.core.submit_review(ReviewSubmission.from_proto(request)))
 
     @rpc
     def Heartbeat(self, request, context) -> orchestrator_pb2.Lease:
         _need_item(request.item_id)
-        return self.core.desk.heartbeat(request.item_id, request.annotator, request.lease_token).to_proto()
+        return self.core.desk.heartbeat(request.item_id, acting_as(request.annotator), request.lease_token).to_proto()
 
     @rpc
     def ReleaseReview(self, request, context) -> orchestrator_pb2.Item:
         _need_item(request.item_id)
-        return self._item(self.core.desk.release(request.item_id, request.annotator, request.lease_token))
+        return self._item(self.core.desk.release(request.item_id, acting_as(request.annotator), request.lease_token))
 
     @rpc
     def AnnotatorStats(self, request, context) -> orchestrator_pb2.AnnotatorStatsResponse:

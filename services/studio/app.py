@@ -19,11 +19,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from services.common.errors import DataEngineError, FailedPrecondition, InvalidInput, NotFound, TransientError
+from services.common.errors import (DataEngineError, FailedPrecondition, InvalidInput, NotFound, PermissionDenied,
+                                    TransientError, Unauthenticated)
 from services.common.pb import orchestrator_pb2 as pb
+from services.common.auth import TokenFile
 from services.common.review import annotator_name
 from services.studio.backend import StudioBackend
-from services.studio.identity import annotator
+from services.studio.identity import Caller, caller_from_token, identity
 from services.studio.images import browser_image
 from services.studio.views import (LeaseBody, PredictIn, SignIn, SubmitIn, item_json, lease_json, mask_json,
                                    predict_request)
@@ -31,7 +33,8 @@ from services.studio.views import (LeaseBody, PredictIn, SignIn, SubmitIn, item_
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-STATUS = {InvalidInput: 400, NotFound: 404, FailedPrecondition: 409, TransientError: 503}
+STATUS = {InvalidInput: 400, Unauthenticated: 401, PermissionDenied: 403, NotFound: 404, FailedPrecondition: 409,
+          TransientError: 503}
 ITEM_CACHE = 256  # items whose image and embedding keys the studio remembers (a few hundred bytes each)
 
 
@@ -59,23 +62,24 @@ class KeyCache:
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
 
-    def get(self, item_id: str) -> ItemKeys:
+    def get(self, caller: Caller, item_id: str) -> ItemKeys:
         with self._lock:
             keys = self._items.get(item_id)
         if keys is None or not keys.embedding_key:
-            self.remember(self.backend.get_item(item_id))
+            self.remember(self.backend.get_item(caller, item_id))
             with self._lock:
                 keys = self._items[item_id]
         return keys
 
 
-def create_app(backend: StudioBackend, lease_s: float) -> FastAPI:
+def create_app(backend: StudioBackend, lease_s: float, tokens: TokenFile | None = None) -> FastAPI:
     """The studio over ``backend``; ``lease_s`` (DATAENGINE_REVIEW_LEASE_S, kept in ``app.state``)
-    tells the page how often to send heartbeats."""
+    tells the page how often to send heartbeats; ``tokens``: sign-in by token (None: by name)."""
     app = FastAPI(title="dataengine studio", version="1",
                   description="Annotators' review queue, leases, clicks and submissions; see API.md.")
     keys = KeyCache(backend)
     app.state.lease_s = lease_s
+    annotator = identity(tokens)
 
     def view(item: pb.Item) -> dict:
         return item_json(item, app.state.lease_s)
@@ -95,17 +99,25 @@ def create_app(backend: StudioBackend, lease_s: float) -> FastAPI:
                   for e in exc.errors()]
         return JSONResponse({"detail": errors}, status_code=422)
 
-    @app.post("/api/signin", summary="Sign in with a name (the X-Annotator header of later calls)")
+    @app.get("/api/config", summary="How to sign in: by token (auth) or by name")
+    def config() -> dict:
+        return {"auth": tokens is not None}
+
+    @app.post("/api/signin", summary="Sign in with a name (X-Annotator) or, with authentication, a token")
     def signin(body: SignIn) -> dict:
+        if tokens is not None:
+            return {"annotator": caller_from_token(tokens, body.token or "").name}
+        if not body.name:
+            raise InvalidInput("sign in with your name")
         return {"annotator": annotator_name(body.name)}
 
     @app.get("/api/queue", summary="Items waiting, per band of the review queue")
-    def queue(who: str = Depends(annotator)) -> dict:
-        bands = backend.waiting()
+    def queue(who: Caller = Depends(annotator)) -> dict:
+        bands = backend.waiting(who)
         return {"waiting": sum(bands.values()), "bands": bands}
 
     @app.post("/api/next", summary="Claim the next item (or get back the one you hold)")
-    def next_item(who: str = Depends(annotator)) -> dict:
+    def next_item(who: Caller = Depends(annotator)) -> dict:
         item = backend.next_item(who)
         if item is None:
             raise NotFound("no item is waiting for review")
@@ -113,35 +125,33 @@ def create_app(backend: StudioBackend, lease_s: float) -> FastAPI:
         return view(item)
 
     @app.get("/api/items/{item_id}", summary="An item (no lease)")
-    def get_item(item_id: str, who: str = Depends(annotator)) -> dict:
-        item = backend.get_item(item_id)
+    def get_item(item_id: str, who: Caller = Depends(annotator)) -> dict:
+        item = backend.get_item(who, item_id)
         keys.remember(item)
         return view(item)
 
     @app.get("/api/items/{item_id}/image", summary="The item's image, as the engine saw it",
              response_class=Response, responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}})
-    def image(item_id: str) -> Response:
-        # No identity needed: an <img> or fetch of the page sends no custom header, and the
-        # security issue will guard this with the session's token.
-        data, content_type = browser_image(backend.store.get(keys.get(item_id).image_key))
+    def image(item_id: str, who: Caller = Depends(annotator)) -> Response:
+        data, content_type = browser_image(backend.store.get(keys.get(who, item_id).image_key))
         return Response(data, media_type=content_type, headers={"Cache-Control": "private, max-age=3600"})
 
     @app.post("/api/items/{item_id}/heartbeat", summary="Keep your lease alive")
-    def heartbeat(item_id: str, body: LeaseBody, who: str = Depends(annotator)) -> dict:
-        return lease_json(backend.heartbeat(item_id, who, body.lease_token), app.state.lease_s)
+    def heartbeat(item_id: str, body: LeaseBody, who: Caller = Depends(annotator)) -> dict:
+        return lease_json(backend.heartbeat(who, item_id, body.lease_token), app.state.lease_s)
 
     @app.post("/api/items/{item_id}/release", summary="Skip: give the item back to the queue")
-    def release(item_id: str, body: LeaseBody, who: str = Depends(annotator)) -> dict:
-        backend.release(item_id, who, body.lease_token)
+    def release(item_id: str, body: LeaseBody, who: Caller = Depends(annotator)) -> dict:
+        backend.release(who, item_id, body.lease_token)
         return {"released": True}
 
     @app.post("/api/items/{item_id}/predict", summary="Masks for clicks and a box (SAM's decoder)")
-    def predict(item_id: str, body: PredictIn, response: Response, who: str = Depends(annotator)) -> dict:
+    def predict(item_id: str, body: PredictIn, response: Response, who: Caller = Depends(annotator)) -> dict:
         start = time.perf_counter()
-        item = keys.get(item_id)
+        item = keys.get(who, item_id)
         if not item.embedding_key:
             raise FailedPrecondition(f"item {item_id} has no embedding yet; it cannot take clicks")
-        reply, parts = backend.predict(predict_request(item.embedding_key, body))
+        reply, parts = backend.predict(who, predict_request(item.embedding_key, body))
         candidates = [mask_json(m) for m in reply.masks]
         timings = {name: round(seconds * 1000, 2) for name, seconds in parts.items()}
         timings["total"] = round((time.perf_counter() - start) * 1000, 2)
@@ -149,15 +159,15 @@ def create_app(backend: StudioBackend, lease_s: float) -> FastAPI:
         return {"candidates": candidates, "logits_key": reply.logits_key, "timings_ms": timings}
 
     @app.post("/api/items/{item_id}/submit", summary="Accept (with your phrases and masks) or discard")
-    def submit(item_id: str, body: SubmitIn, who: str = Depends(annotator)) -> dict:
-        item = backend.submit(body.to_submission(item_id, who))
+    def submit(item_id: str, body: SubmitIn, who: Caller = Depends(annotator)) -> dict:
+        item = backend.submit(who, body.to_submission(item_id, who.name))
         keys.remember(item)
         return {"item_id": item.item_id, "state": view(item)["state"],
                 "audit": item.band == "audit"}
 
     @app.get("/api/annotators", summary="Per annotator: items/hour, masks/hour, seconds per mask, audits")
-    def annotators(who: str = Depends(annotator)) -> dict:
-        return {"annotators": [f.to_json() for f in backend.figures()]}
+    def annotators(who: Caller = Depends(annotator)) -> dict:
+        return {"annotators": [f.to_json() for f in backend.figures(who)]}
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict:

@@ -16,34 +16,39 @@ from typing import Protocol
 
 import grpc
 
-from services.common.errors import error_from_rpc
+from services.common.errors import NotFound, error_from_rpc
 from services.common.grpc_server import channel_options
 from services.common.pb import decoder_pb2, decoder_pb2_grpc, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 from services.common.review import AnnotatorFigures, Lease, ReviewSubmission
 from services.common.storage import ObjectStore
+from services.studio.identity import Caller
 
 RPC_TIMEOUT_S = 30.0
 
 
 class StudioBackend(Protocol):
-    """What the studio needs; every method raises the domain errors (services.common.errors)."""
+    """What the studio needs; every method raises the domain errors (services.common.errors).
+    ``caller`` is the signed-in annotator: their name acts in the review, their token (if any)
+    goes with the call."""
 
     store: ObjectStore
 
-    def next_item(self, annotator: str) -> pb.Item | None: ...
-    def get_item(self, item_id: str) -> pb.Item: ...
-    def heartbeat(self, item_id: str, annotator: str, token: str) -> Lease: ...
-    def release(self, item_id: str, annotator: str, token: str) -> None: ...
-    def submit(self, submission: ReviewSubmission) -> pb.Item: ...
-    def waiting(self) -> dict[str, int]: ...
-    def figures(self) -> list[AnnotatorFigures]: ...
+    def next_item(self, caller: Caller) -> pb.Item | None: ...
+    def get_item(self, caller: Caller, item_id: str) -> pb.Item: ...
+    def heartbeat(self, caller: Caller, item_id: str, token: str) -> Lease: ...
+    def release(self, caller: Caller, item_id: str, token: str) -> None: ...
+    def submit(self, caller: Caller, submission: ReviewSubmission) -> pb.Item: ...
+    def waiting(self, caller: Caller) -> dict[str, int]: ...
+    def figures(self, caller: Caller) -> list[AnnotatorFigures]: ...
 
-    def predict(self, request: decoder_pb2.PredictRequest) -> tuple[decoder_pb2.PredictResponse, dict[str, float]]:
+    def predict(self, caller: Caller,
+                request: decoder_pb2.PredictRequest) -> tuple[decoder_pb2.PredictResponse, dict[str, float]]:
         """The decoder's answer and the seconds it spent, by part ("decoder", "masks", ... or "rpc")."""
 
 
 class GrpcBackend:
-    """Over the orchestrator's and the decoder's gRPC servers, and the object store."""
+    """Over the orchestrator's and the decoder's gRPC servers, and the object store. Each call
+    carries the caller's token, so the servers check the annotator themselves."""
 
     def __init__(self, orchestrator_address: str, decoder_address: str, store: ObjectStore,
                  max_message_bytes: int) -> None:
@@ -55,45 +60,45 @@ class GrpcBackend:
         self.store = store
 
     @staticmethod
-    def _call(method, request):
+    def _call(method, request, caller: Caller):
+        metadata = (("authorization", f"Bearer {caller.token}"),) if caller.token else None
         try:
-            return method(request, timeout=RPC_TIMEOUT_S)
+            return method(request, timeout=RPC_TIMEOUT_S, metadata=metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
-    def next_item(self, annotator: str) -> pb.Item | None:
+    def next_item(self, caller: Caller) -> pb.Item | None:
         try:
-            return self.orchestrator.NextReview(pb.NextReviewRequest(annotator=annotator), timeout=RPC_TIMEOUT_S)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise error_from_rpc(exc) from None
+            return self._call(self.orchestrator.NextReview, pb.NextReviewRequest(annotator=caller.name), caller)
+        except NotFound:
+            return None
 
-    def get_item(self, item_id: str) -> pb.Item:
-        return self._call(self.orchestrator.GetItem, pb.GetItemRequest(item_id=item_id))
+    def get_item(self, caller: Caller, item_id: str) -> pb.Item:
+        return self._call(self.orchestrator.GetItem, pb.GetItemRequest(item_id=item_id), caller)
 
-    def heartbeat(self, item_id: str, annotator: str, token: str) -> Lease:
+    def heartbeat(self, caller: Caller, item_id: str, token: str) -> Lease:
         return Lease.from_proto(self._call(self.orchestrator.Heartbeat, pb.LeaseRequest(
-            item_id=item_id, annotator=annotator, lease_token=token)))
+            item_id=item_id, annotator=caller.name, lease_token=token), caller))
 
-    def release(self, item_id: str, annotator: str, token: str) -> None:
-        self._call(self.orchestrator.ReleaseReview, pb.LeaseRequest(item_id=item_id, annotator=annotator,
-                                                                    lease_token=token))
+    def release(self, caller: Caller, item_id: str, token: str) -> None:
+        self._call(self.orchestrator.ReleaseReview, pb.LeaseRequest(item_id=item_id, annotator=caller.name,
+                                                                    lease_token=token), caller)
 
-    def submit(self, submission: ReviewSubmission) -> pb.Item:
-        return self._call(self.orchestrator.SubmitReview, submission.to_proto())
+    def submit(self, caller: Caller, submission: ReviewSubmission) -> pb.Item:
+        return self._call(self.orchestrator.SubmitReview, submission.to_proto(), caller)
 
-    def waiting(self) -> dict[str, int]:
-        reply = self._call(self.orchestrator.Stats, pb.StatsRequest())
+    def waiting(self, caller: Caller) -> dict[str, int]:
+        reply = self._call(self.orchestrator.Stats, pb.StatsRequest(), caller)
         return {c.key: c.count for c in reply.review_waiting}
 
-    def figures(self) -> list[AnnotatorFigures]:
-        reply = self._call(self.orchestrator.AnnotatorStats, pb.AnnotatorStatsRequest())
+    def figures(self, caller: Caller) -> list[AnnotatorFigures]:
+        reply = self._call(self.orchestrator.AnnotatorStats, pb.AnnotatorStatsRequest(), caller)
         return [AnnotatorFigures.from_proto(f) for f in reply.annotators]
 
-    def predict(self, request: decoder_pb2.PredictRequest) -> tuple[decoder_pb2.PredictResponse, dict[str, float]]:
+    def predict(self, caller: Caller,
+                request: decoder_pb2.PredictRequest) -> tuple[decoder_pb2.PredictResponse, dict[str, float]]:
         start = time.perf_counter()
-        reply = self._call(self.decoder.Predict, request)
+        reply = self._call(self.decoder.Predict, request, caller)
         return reply, {"rpc": time.perf_counter() - start}
 
     def close(self) -> None:

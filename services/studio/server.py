@@ -6,6 +6,7 @@ import signal
 
 import uvicorn
 
+from services.common.auth import TokenFile
 from services.common.logs import setup_logging
 from services.common.settings import Settings
 from services.common.storage import open_store
@@ -19,10 +20,12 @@ def grpc_backend(settings: Settings) -> GrpcBackend:
                        settings.max_message_bytes)
 
 
-def serve(backend: StudioBackend, settings: Settings, host: str | None = None, port: int | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn finishes the requests in flight, then returns)."""
+def serve(backend: StudioBackend, settings: Settings, host: str | None = None, port: int | None = None,
+          tokens: TokenFile | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn finishes the requests in flight, then returns).
+    ``tokens``: annotators sign in by token (None: by name)."""
     setup_logging(settings.log_level)
-    app = create_app(backend, settings.review_lease_s)
+    app = create_app(backend, settings.review_lease_s, tokens)
     # uvicorn drains, restores the handlers it found and raises the signal again: with these the
     # process then ends with status 0, as the other services do after a graceful stop.
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -24,7 +24,8 @@ class Body(BaseModel):
 
 
 class SignIn(Body):
-    name: Annotated[str, Field(min_length=1, max_length=64)]
+    name: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    token: Annotated[str, Field(min_length=1, max_length=512)] | None = None
 
 
 class LeaseBody(Body):

@@ -110,7 +110,7 @@ def test_dataengine_serve_studio_over_grpc_servers(studio: Studio, tmp_path):
             assert httpx.get(f"{url}/api/queue", headers=headers).json()["waiting"] == 3
             item = httpx.post(f"{url}/api/next", headers=headers).json()
             assert item["item_id"] == studio.items["stage2"]
-            image = httpx.get(f"{url}{item['image_url']}")
+            image = httpx.get(f"{url}{item['image_url']}", headers=headers)
             assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
             click = httpx.post(f"{url}/api/items/{item['item_id']}/predict", headers=headers, timeout=60,
                                json={"box": {"x0": 40, "y0": 60, "x1": 150, "y1": 200}, "multimask": False})

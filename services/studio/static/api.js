@@ -1,6 +1,8 @@
-// The studio's HTTP JSON API (services/studio/API.md): every call carries X-Annotator.
+// The studio's HTTP JSON API (services/studio/API.md): every call carries the annotator's token
+// (Authorization: Bearer, where the studio has authentication) or their name (X-Annotator).
 
 const NAME_KEY = "studio.annotator";
+const TOKEN_KEY = "studio.token";
 
 export class ApiError extends Error {
   constructor(status, detail) {
@@ -24,9 +26,11 @@ export function annotator() {
   return sessionStorage.getItem(NAME_KEY);
 }
 
-export function setAnnotator(name) {
+export function setAnnotator(name, token) {
   if (name) sessionStorage.setItem(NAME_KEY, name);
   else sessionStorage.removeItem(NAME_KEY);
+  if (name && token) sessionStorage.setItem(TOKEN_KEY, token);
+  else sessionStorage.removeItem(TOKEN_KEY);
 }
 
 /** Parse a Server-Timing header ("decoder;dur=31.2, total;dur=38") into {name: ms}. */
@@ -47,7 +51,9 @@ export function parseServerTiming(header) {
 async function request(method, path, body, { raw = false } = {}) {
   const headers = {};
   const name = annotator();
-  if (name) headers["X-Annotator"] = encodeURIComponent(name); // header values are Latin-1: percent-encoded
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers["Authorization"] = `Bearer ${token}`;
+  else if (name) headers["X-Annotator"] = encodeURIComponent(name); // header values are Latin-1: percent-encoded
   const init = { method, headers };
   if (body !== undefined) {
     headers["Content-Type"] = "application/json";
@@ -76,7 +82,9 @@ const json = async (...args) => (await request(...args)).data;
 const item = (id) => `/api/items/${encodeURIComponent(id)}`;
 
 export const api = {
-  signin: (name) => json("POST", "/api/signin", { name }),
+  config: () => json("GET", "/api/config"),
+  /** {name} where the studio signs in by name, {token} where it has authentication. */
+  signin: (credentials) => json("POST", "/api/signin", credentials),
   queue: () => json("GET", "/api/queue"),
   next: () => json("POST", "/api/next"),
   heartbeat: (id, token) => json("POST", `${item(id)}/heartbeat`, { lease_token: token }),

@@ -55,17 +55,29 @@ const fmt = (x, d = 2) => (x === null || x === undefined ? "–" : Number(x).toF
 const rgb = (c) => `rgb(${c[0]}, ${c[1]}, ${c[2]})`;
 
 // ---------------------------------------------------------------- sign in
-function showSignin() {
+let authByToken = false; // the studio has authentication: annotators sign in with a token
+
+async function showSignin() {
   $("app").hidden = true;
   $("signin").hidden = false;
-  $("signin-name").focus();
+  try {
+    authByToken = (await api.config()).auth;
+  } catch (e) {
+    $("signin-error").textContent = describeError(e);
+  }
+  $("signin-by-name").hidden = authByToken;
+  $("signin-by-token").hidden = !authByToken;
+  $("signin-name").required = !authByToken;
+  $("signin-token").required = authByToken;
+  (authByToken ? $("signin-token") : $("signin-name")).focus();
 }
 
-async function signin(name) {
+async function signin() {
   $("signin-error").textContent = "";
+  const token = $("signin-token").value.trim();
   try {
-    const res = await api.signin(name.trim());
-    setAnnotator(res.annotator);
+    const res = await api.signin(authByToken ? { token } : { name: $("signin-name").value.trim() });
+    setAnnotator(res.annotator, authByToken ? token : null);
     startApp();
   } catch (e) {
     $("signin-error").textContent = describeError(e);
@@ -1051,7 +1063,7 @@ const VIEW = new View($("canvas"), {
 });
 
 function wire() {
-  $("signin-form").addEventListener("submit", (ev) => { ev.preventDefault(); signin($("signin-name").value); });
+  $("signin-form").addEventListener("submit", (ev) => { ev.preventDefault(); signin(); });
   $("signout").addEventListener("click", signout);
   $("btn-next").addEventListener("click", nextItem);
   $("banner-next").addEventListener("click", () => { closeItem(); nextItem(); });
