@@ -165,7 +165,7 @@ def test_the_cli_sends_dataengine_auth_token(secured):
 
 
 def test_an_annotator_signs_in_with_a_token_in_the_browser(secured, chromium):  # noqa: F811
-    from tests.studio.test_browser import take_next
+    from tests.studio.pages import take_next
 
     page = chromium.page()
     errors: list[str] = []
