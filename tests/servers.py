@@ -33,10 +33,13 @@ def _wait(check, what: str, proc: subprocess.Popen, timeout: float = 30.0) -> No
     raise RuntimeError(f"{what} not ready after {timeout} s")
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM (a graceful stop), then SIGKILL after ``timeout`` seconds; nothing if it has ended."""
+    if proc.poll() is not None:
+        return
     proc.terminate()
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -84,7 +87,7 @@ def redis_server(workdir: Path) -> Iterator[str]:
         _wait(ping, "redis-server", proc)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @contextmanager
@@ -102,7 +105,7 @@ def s3_server() -> Iterator[str]:
         _wait(up, "moto S3 server", proc)
         yield f"127.0.0.1:{port}"
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def start_celery_worker(service: str, env: dict[str, str], log, loglevel: str = "INFO") -> subprocess.Popen:

@@ -20,7 +20,7 @@ import pytest
 
 from tests.deploy.manifests import (DOCKERFILE, HEALTHZ, STUDIO, compose, dockerfile_stages, interpolate,
                                     k8s_by_kind, only_container)
-from tests.servers import free_port
+from tests.servers import free_port, stop_process
 
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 
@@ -76,13 +76,7 @@ def studio_process(tmp_path):
             time.sleep(0.2)
         yield port, proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, timeout=30)
         log.close()
 
 

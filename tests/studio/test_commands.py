@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from services.cli import app
 from services.common.sam_models import save_random_checkpoint
 from services.decoder.servicer import add_to_server as add_decoder
 from services.orchestrator.servicer import add_to_server as add_orchestrator
-from tests.servers import free_port, grpc_loopback
+from tests.servers import free_port, grpc_loopback, stop_process
 from tests.studio.conftest import Studio, picture
 
 GRID = '{"points_per_side": 4, "pred_iou_thresh": 0, "stability_score_thresh": 0}'
@@ -49,13 +48,7 @@ def studio_process(args: list[str], env: dict[str, str], log: Path):
             time.sleep(0.2)
         yield url, proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, timeout=30)
 
 
 @pytest.mark.slow
