@@ -110,3 +110,12 @@ def test_dataengine_serve_studio_over_grpc_servers(studio: Studio, tmp_path):
             assert click.status_code == 200 and len(click.json()["candidates"]) == 1
         assert proc.returncode == 0, (tmp_path / "serve.log").read_text()
     assert studio.manifest("stage2").lease.annotator == "bob"
+
+
+def test_dataengine_refresh_refuses_what_is_no_run(studio_run, tmp_path):
+    out, _ = studio_run
+    nowhere = CliRunner().invoke(app, ["refresh", str(tmp_path / "nowhere")])
+    assert nowhere.exit_code == 1 and "holds no run" in " ".join(nowhere.output.split())
+    (out / "report.json").write_text("[1, 2")
+    broken = CliRunner().invoke(app, ["refresh", str(out)])
+    assert broken.exit_code == 1 and "is not a run report" in " ".join(broken.output.split())
