@@ -14,6 +14,7 @@ from services.common.queues import SERVICES as QUEUES, create_celery
 from services.common.settings import Settings
 from services.common.steps import StepHandler, register_step_task
 from services.common.storage import open_store
+from services.common.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,8 @@ def run_service(service: str, settings: Settings, grpc_server: bool = True, work
     if grpc_server:
         address = f"{settings.host}:{settings.port_of(service)}"
         server, port = build_server(lambda s: parts.add_to_server(s, core), address,
-                                    settings.max_message_bytes, settings.grpc_workers, tokens)
+                                    settings.max_message_bytes, settings.grpc_workers, tokens,
+                                    TlsFiles.from_settings(settings), settings.grpc_reflection)
         log.info("gRPC serving", extra={"service": service, "key": f"port {port}"})
     if not worker:
         serve_until_signal(server, settings.shutdown_grace_s)

@@ -46,19 +46,20 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
 
 
 @contextmanager
-def grpc_loopback(add_services, max_message_bytes: int, client_max_bytes: int | None = None, tokens=None):
+def grpc_loopback(add_services, max_message_bytes: int, client_max_bytes: int | None = None, tokens=None,
+                  tls=None, client_tls=None):
     """A gRPC server on a free loopback port with ``add_services(server)`` registered, and a
     channel to it. Yields (channel, "127.0.0.1:PORT"). client_max_bytes: the channel's own limit
     (default: the server's), larger to see how the server answers an oversized request.
-    tokens: a ``TokenFile`` the server checks callers against (None: no authentication)."""
-    import grpc
+    tokens: a ``TokenFile`` the server checks callers against (None: no authentication).
+    tls / client_tls: the server's and the channel's ``TlsFiles`` (None: plaintext)."""
+    from services.common.grpc_server import build_server, client_channel
+    from services.common.tls import PLAINTEXT
 
-    from services.common.grpc_server import build_server, channel_options
-
-    server, port = build_server(add_services, "127.0.0.1:0", max_message_bytes, workers=2, tokens=tokens)
+    server, port = build_server(add_services, "127.0.0.1:0", max_message_bytes, workers=2, tokens=tokens,
+                                tls=tls or PLAINTEXT)
     server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}",
-                                    options=channel_options(client_max_bytes or max_message_bytes))
+    channel = client_channel(f"127.0.0.1:{port}", client_max_bytes or max_message_bytes, tls=client_tls or PLAINTEXT)
     try:
         yield channel, f"127.0.0.1:{port}"
     finally:
@@ -144,13 +145,14 @@ class UvicornThread:
     """An ASGI app served by uvicorn on a free loopback port in a thread (the studio's HTTP server
     in tests and benchmarks); stopped as uvicorn stops on SIGTERM. ``with`` gives the base URL."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, **options) -> None:
+        """``options``: more uvicorn.Config arguments (the TLS ones: TlsFiles.uvicorn_options())."""
         import threading
 
         import uvicorn
 
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    access_log=False))
+                                                    access_log=False, **options))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:

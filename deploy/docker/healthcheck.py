@@ -1,7 +1,10 @@
 """Container health check: exit 0 when the gRPC server on 127.0.0.1:PORT answers SERVING.
 
 Compose runs it as the services' healthcheck (the images have no grpc_health_probe binary);
-Kubernetes uses its native ``grpc:`` probe against the same standard health service instead.
+Kubernetes uses its native ``grpc:`` probe against the same standard health service instead, and
+this script as an ``exec`` probe once the servers speak TLS (native gRPC probes cannot). It speaks
+TLS as the settings say (DATAENGINE_TLS_*: the pod's own certificate is its client certificate
+under mTLS), to ``localhost``, so server certificates carry ``localhost`` among their names.
 (Not named grpc_health.py: the script's folder comes first on sys.path and would shadow the
 ``grpc_health`` package.)
 
@@ -15,10 +18,15 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.grpc_server import client_channel
+from services.common.settings import get_settings
+from services.common.tls import TlsFiles
 
-def check(port: int, service: str = "", host: str = "127.0.0.1", timeout_s: float = 3.0) -> str:
+
+def check(port: int, service: str = "", host: str = "localhost", timeout_s: float = 3.0) -> str:
     """The health status name ("SERVING", "NOT_SERVING", ...) or the gRPC error code name."""
-    with grpc.insecure_channel(f"{host}:{port}") as channel:
+    settings = get_settings()
+    with client_channel(f"{host}:{port}", settings.max_message_bytes, tls=TlsFiles.from_settings(settings)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.auth import OPEN_PREFIXES, TokenFile, authorize, reset_principal, set_principal
 from services.common.errors import DataEngineError
+from services.common.tls import PLAINTEXT, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,12 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor):
         return continuation(details, request)
 
 
-def client_channel(target: str, max_message_bytes: int, token: str = "") -> grpc.Channel:
-    """A channel to one of our servers that sends ``token`` (DATAENGINE_AUTH_TOKEN) with every call."""
-    channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+def client_channel(target: str, max_message_bytes: int, token: str = "", tls: TlsFiles = PLAINTEXT) -> grpc.Channel:
+    """A channel to one of our servers that sends ``token`` (DATAENGINE_AUTH_TOKEN) with every call,
+    over TLS when ``tls`` has a CA or a certificate (services.common.tls)."""
+    options = channel_options(max_message_bytes)
+    channel = (grpc.secure_channel(target, tls.channel_credentials(), options=options) if tls.client_enabled
+               else grpc.insecure_channel(target, options=options))
     return grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
 
 
@@ -143,11 +147,14 @@ def rpc(method: Callable) -> Callable:
 
 
 def build_server(add_servicers: Callable[[grpc.Server], list[str]], address: str,
-                 max_message_bytes: int, workers: int = 4, tokens: TokenFile | None = None) -> tuple[grpc.Server, int]:
+                 max_message_bytes: int, workers: int = 4, tokens: TokenFile | None = None,
+                 tls: TlsFiles = PLAINTEXT, reflection_on: bool = True) -> tuple[grpc.Server, int]:
     """A started-ready server on ``address`` ("host:port"; port 0 picks one).
 
     ``add_servicers`` registers the service's servicers and returns their full names
     (e.g. ``"dataengine.v1.Embedder"``). ``tokens``: who may call what (None: anyone, everything).
+    ``tls``: the port speaks only TLS when it has a certificate (plaintext otherwise).
+    ``reflection_on``: serve the reflection service (DATAENGINE_GRPC_REFLECTION).
     Returns the server and the bound port.
     """
     interceptors = ([AuthInterceptor(tokens)] if tokens is not None else []) + [InvalidMessages()]
@@ -158,9 +165,11 @@ def build_server(add_servicers: Callable[[grpc.Server], list[str]], address: str
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
+    if reflection_on:
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    port = (server.add_secure_port(address, tls.server_credentials()) if tls.server_enabled
+            else server.add_insecure_port(address))
     if port == 0:
         raise RuntimeError(f"cannot bind gRPC server to {address}")
     server._dataengine_health = health_servicer  # type: ignore[attr-defined]  # for shutdown

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     # Who may do what (services/common/auth.py): the servers' token digests, the clients' token
     auth_tokens_file: Path | None = None  # None: no authentication (the embedded mode; warned in a deployment)
     auth_token: str = ""  # what the CLI and the studio send as "authorization: Bearer <token>"
+    # Transport security of gRPC and the studio (services/common/tls.py): PEM files; none set: plaintext
+    tls_cert_file: Path | None = None  # this process's certificate chain (server; client cert for mTLS)
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None  # what the other side's certificate must chain to
+    tls_client_auth: Literal["none", "optional", "require"] = "none"  # servers: "require" = mTLS
+    grpc_reflection: bool = True  # the reflection service (grpcurl, Postman); off hides the API's shape
 
     # Input limits
     max_image_pixels: int = Field(89_478_485, ge=1)  # Pillow's decompression-bomb limit
@@ -118,6 +124,13 @@ class Settings(BaseSettings):
         if self.store == "minio" and not (self.minio_access_key and self.minio_secret_key):
             raise ValueError(
                 "DATAENGINE_STORE=minio needs DATAENGINE_MINIO_ACCESS_KEY and DATAENGINE_MINIO_SECRET_KEY")
+        return self
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> "Settings":
+        from services.common.tls import TlsFiles
+
+        TlsFiles.from_settings(self)  # InvalidInput names the missing partner file
         return self
 
     def port_of(self, service: str) -> int:

@@ -126,9 +126,10 @@ def refresh(
 
 def _channel(settings: Settings, address: str | None):
     from services.common.grpc_server import client_channel
+    from services.common.tls import TlsFiles
 
     target = address or f"localhost:{settings.orchestrator_port}"
-    return client_channel(target, settings.max_message_bytes, settings.auth_token)
+    return client_channel(target, settings.max_message_bytes, settings.auth_token, TlsFiles.from_settings(settings))
 
 
 def _call(fn, *args):

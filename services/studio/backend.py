@@ -17,10 +17,11 @@ from typing import Protocol
 import grpc
 
 from services.common.errors import NotFound, error_from_rpc
-from services.common.grpc_server import channel_options
+from services.common.grpc_server import client_channel
 from services.common.pb import decoder_pb2, decoder_pb2_grpc, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 from services.common.review import AnnotatorFigures, Lease, ReviewSubmission
 from services.common.storage import ObjectStore
+from services.common.tls import PLAINTEXT, TlsFiles
 from services.studio.identity import Caller
 
 RPC_TIMEOUT_S = 30.0
@@ -51,10 +52,9 @@ class GrpcBackend:
     carries the caller's token, so the servers check the annotator themselves."""
 
     def __init__(self, orchestrator_address: str, decoder_address: str, store: ObjectStore,
-                 max_message_bytes: int) -> None:
-        options = channel_options(max_message_bytes)
-        self._channels = [grpc.insecure_channel(orchestrator_address, options=options),
-                          grpc.insecure_channel(decoder_address, options=options)]
+                 max_message_bytes: int, tls: TlsFiles = PLAINTEXT) -> None:
+        self._channels = [client_channel(orchestrator_address, max_message_bytes, tls=tls),
+                          client_channel(decoder_address, max_message_bytes, tls=tls)]
         self.orchestrator = orchestrator_pb2_grpc.OrchestratorStub(self._channels[0])
         self.decoder = decoder_pb2_grpc.DecoderStub(self._channels[1])
         self.store = store
