@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -68,38 +69,61 @@ def grpc_loopback(add_services, max_message_bytes: int, client_max_bytes: int | 
 
 
 @contextmanager
-def redis_server(workdir: Path) -> Iterator[str]:
+def redis_server(workdir: Path, tls=None, password: str = "") -> Iterator[str]:
     """Yields ``redis://127.0.0.1:PORT/0``; no persistence, 256 databases (one per test that
-    needs its own queues), stopped on exit."""
+    needs its own queues), stopped on exit. ``tls`` (a ``TlsFiles``): TLS only, no plaintext port,
+    client certificates not asked for; yields ``rediss://...?ssl_cert_reqs=required&ssl_ca_certs=CA``.
+    ``password``: ``requirepass``, and the URL carries it."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server not found: `make setup` installs it (apt-get install redis-server)")
     port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir), "--databases", "256"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [exe, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir),
+            "--databases", "256"]
+    if tls is not None:
+        args += ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls.cert_file),
+                 "--tls-key-file", str(tls.key_file), "--tls-ca-cert-file", str(tls.ca_file),
+                 "--tls-auth-clients", "no"]
+    else:
+        args += ["--port", str(port)]
+    if password:
+        args += ["--requirepass", password]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def ping() -> bool:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as raw:
+            s = raw
+            if tls is not None:
+                s = ssl.create_default_context(cafile=str(tls.ca_file)).wrap_socket(raw, server_hostname="localhost")
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            reply = s.recv(64)
+            return reply.startswith(b"+PONG") or reply.startswith(b"-NOAUTH")
 
+    auth = f":{password}@" if password else ""
+    url = (f"rediss://{auth}localhost:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={tls.ca_file}"
+           if tls is not None else f"redis://{auth}127.0.0.1:{port}/0")
     try:
         _wait(ping, "redis-server", proc)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield url
     finally:
         stop_process(proc)
 
 
 @contextmanager
-def s3_server() -> Iterator[str]:
-    """Yields ``127.0.0.1:PORT`` of moto's S3-compatible server (a separate process)."""
+def s3_server(tls=None) -> Iterator[str]:
+    """Yields ``127.0.0.1:PORT`` of moto's S3-compatible server (a separate process); over HTTPS
+    only with ``tls`` (a ``TlsFiles``: its certificate and key; clients trust its ``ca_file``)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    context = None
+    if tls is not None:
+        args += ["--ssl-cert", str(tls.cert_file), "--ssl-key", str(tls.key_file)]
+        context = ssl.create_default_context(cafile=str(tls.ca_file))
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scheme = "https" if tls is not None else "http"
 
     def up() -> bool:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1) as r:
+        with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/moto-api/", timeout=1, context=context) as r:
             return r.status == 200
 
     try:

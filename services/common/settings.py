@@ -27,13 +27,19 @@ class Settings(BaseSettings):
     minio_endpoint: str = "localhost:9000"  # host:port, no scheme
     minio_access_key: str = ""
     minio_secret_key: str = ""
-    minio_secure: bool = False
+    minio_secure: bool = False  # HTTPS
+    minio_ca_file: Path | None = None  # HTTPS: the private CA of MinIO's certificate (None: public roots)
     bucket: str = "dataengine"
 
     # Queues
     broker_url: str = "redis://localhost:6379/0"
     # A task unacknowledged this long (its worker died) is delivered again; longer than any task.
     visibility_timeout_s: int = Field(3600, ge=2)
+    # Celery message signing (services/common/queues.py, sign_messages): this process's RSA key and
+    # certificate, and the certificates whose signatures workers accept (a folder or a glob)
+    queue_signing_key: Path | None = None  # None: plain JSON messages (anyone reaching Redis may send)
+    queue_signing_cert: Path | None = None
+    queue_signing_store: str = ""
 
     # SAM model
     model_type: Literal["vit_h", "vit_l", "vit_b", "tiny"] = "vit_b"
@@ -124,6 +130,8 @@ class Settings(BaseSettings):
         if self.store == "minio" and not (self.minio_access_key and self.minio_secret_key):
             raise ValueError(
                 "DATAENGINE_STORE=minio needs DATAENGINE_MINIO_ACCESS_KEY and DATAENGINE_MINIO_SECRET_KEY")
+        if self.minio_ca_file is not None and not self.minio_secure:
+            raise ValueError("DATAENGINE_MINIO_CA_FILE is for HTTPS: set DATAENGINE_MINIO_SECURE=true")
         return self
 
     @model_validator(mode="after")
@@ -131,6 +139,14 @@ class Settings(BaseSettings):
         from services.common.tls import TlsFiles
 
         TlsFiles.from_settings(self)  # InvalidInput names the missing partner file
+        return self
+
+    @model_validator(mode="after")
+    def _check_signing(self) -> "Settings":
+        named = [self.queue_signing_key is not None, self.queue_signing_cert is not None, bool(self.queue_signing_store)]
+        if any(named) and not all(named):
+            raise ValueError("queue message signing needs all three of DATAENGINE_QUEUE_SIGNING_KEY, "
+                             "DATAENGINE_QUEUE_SIGNING_CERT and DATAENGINE_QUEUE_SIGNING_STORE")
         return self
 
     def port_of(self, service: str) -> int:

@@ -89,14 +89,17 @@ class MinioStore:
     """A bucket on MinIO or any S3-compatible server, through the ``minio`` client."""
 
     def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
-                 secure: bool = False) -> None:
+                 secure: bool = False, ca_file: Path | None = None) -> None:
+        """``secure``: HTTPS, the server's certificate checked against ``ca_file`` (a private CA's
+        PEM bundle) or, without one, the public roots."""
         from minio import Minio
 
         from minio.helpers import check_bucket_name
 
         try:  # a bad name or endpoint is a configuration error: retrying cannot fix it
             check_bucket_name(bucket, strict=True)
-            self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure)
+            self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure,
+                                http_client=_https_client(ca_file) if secure and ca_file else None)
         except ValueError as exc:
             raise FailedPrecondition(f"object store misconfigured (endpoint {endpoint!r}, "
                                      f"bucket {bucket!r}): {exc}") from None
@@ -156,6 +159,17 @@ class MinioStore:
             raise TransientError(f"listing {prefix!r} in the object store failed: {exc}") from exc
 
 
+def _https_client(ca_file: Path):
+    """minio's own pool settings, with the private CA as the only trusted root."""
+    import urllib3
+
+    if not Path(ca_file).is_file():
+        raise ValueError(f"DATAENGINE_MINIO_CA_FILE {ca_file} is not a file")
+    return urllib3.PoolManager(timeout=urllib3.Timeout(connect=30, read=300), maxsize=10,
+                               cert_reqs="CERT_REQUIRED", ca_certs=str(ca_file),
+                               retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]))
+
+
 def _is_s3_error(exc: Exception, *codes: str) -> bool:
     from minio.error import S3Error
 
@@ -166,5 +180,5 @@ def open_store(settings: Settings) -> ObjectStore:
     """The store the settings name."""
     if settings.store == "minio":
         return MinioStore(settings.minio_endpoint, settings.minio_access_key, settings.minio_secret_key,
-                          settings.bucket, settings.minio_secure)
+                          settings.bucket, settings.minio_secure, settings.minio_ca_file)
     return LocalStore(Path(settings.store_root) / settings.bucket)

@@ -72,6 +72,24 @@ def test_health_serving_and_reflection_lists_the_service(channel):
     assert {"dataengine.v1.Embedder", "grpc.health.v1.Health"} <= names
 
 
+def test_reflection_off_hides_the_services():
+    """DATAENGINE_GRPC_REFLECTION=false: grpcurl and friends learn nothing; health still answers."""
+    from services.common.grpc_server import build_server, client_channel
+
+    server, port = build_server(lambda s: [SERVICE_NAME], "127.0.0.1:0", 4 << 20, workers=2, reflection_on=False)
+    server.start()
+    try:
+        with client_channel(f"127.0.0.1:{port}", 4 << 20) as channel:
+            request = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            with pytest.raises(grpc.RpcError) as err:
+                list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(request, timeout=10))
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(0).wait()
+
+
 # request field overrides -> (status, phrase in the details)
 BAD_REQUESTS = {
     "no images": ({"images": []}, grpc.StatusCode.INVALID_ARGUMENT, "no images"),
