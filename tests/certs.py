@@ -83,3 +83,21 @@ def make_pki(folder: Path) -> dict:
     return {"ca": ours, "server": ours.tls_files(folder / "ours", "server", "require"),
             "client": ours.tls_files(folder / "ours", "client"),
             "stranger": other.tls_files(folder / "other", "stranger")}
+
+
+def signing_pair(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed RSA key and certificate for Celery's message signing (it takes RSA only);
+    returns (key_file, cert_file), the certificate written as ``name.crt`` in ``folder``."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
+            .sign(key, hashes.SHA256()))
+    key_file, cert_file = folder / f"{name}.key", folder / f"{name}.crt"
+    _write_key(key, key_file)
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_file, cert_file

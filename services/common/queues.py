@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import glob
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from celery import Celery
 from kombu import Queue
 
+from services.common.errors import FailedPrecondition
 from services.common.settings import Settings
 
 SERVICES = ("embedder", "decoder", "concepts", "verifier", "orchestrator")
@@ -36,7 +39,28 @@ def create_celery(settings: Settings) -> Celery:
         broker_transport_options=transport_options(settings.visibility_timeout_s),
         worker_hijack_root_logger=False,
     )
+    if settings.queue_signing_key is not None:
+        sign_messages(app, settings)
     return app
+
+
+def sign_messages(app: Celery, settings: Settings) -> None:
+    """Celery's message signing: every task message this process sends is signed with its key
+    (RSA, SHA-256) and every one it takes must carry a valid signature by a certificate in
+    ``settings.queue_signing_store``; anything else, plain JSON included, is discarded unrun with
+    an error in the worker's log. Results stay plain JSON (they hold only outcomes and keys).
+    Process-wide: it sets kombu's serializer registry (one settings object per process)."""
+    if not Path(settings.queue_signing_store).exists() and not glob.glob(settings.queue_signing_store):
+        raise FailedPrecondition(f"DATAENGINE_QUEUE_SIGNING_STORE {settings.queue_signing_store!r} "
+                                 "names no certificate")
+    app.conf.update(task_serializer="auth", accept_content=["auth"], result_accept_content=["json"],
+                    security_key=str(settings.queue_signing_key),
+                    security_certificate=str(settings.queue_signing_cert),
+                    security_cert_store=settings.queue_signing_store, security_digest="sha256")
+    try:
+        app.setup_security(allowed_serializers=["json"], serializer="json")  # auth: registered by it
+    except Exception as exc:  # noqa: BLE001 - celery's SecurityError, ValueError, OSError: all configuration
+        raise FailedPrecondition(f"queue message signing misconfigured: {exc}") from exc
 
 
 def transport_options(visibility_timeout_s: int) -> dict:
