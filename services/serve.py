@@ -80,14 +80,11 @@ def _orchestrator() -> ServiceParts:
     from services.orchestrator.dispatch import CeleryDispatcher
     from services.orchestrator.engine import Orchestrator
     from services.orchestrator.index import RedisIndex, queue_depths
-    from services.orchestrator.routing import Thresholds
 
     def make(settings: Settings) -> Orchestrator:
-        return Orchestrator(
-            open_store(settings), RedisIndex(settings.broker_url), CeleryDispatcher(create_celery(settings)),
-            Thresholds(settings.accept_threshold, settings.review_threshold), dict(settings.amg_params),
-            queue_depths=lambda: queue_depths(settings.broker_url, QUEUES),
-            lease_s=settings.review_lease_s, audit_rate=settings.audit_rate)
+        return Orchestrator.from_settings(
+            settings, open_store(settings), RedisIndex(settings.broker_url), CeleryDispatcher(create_celery(settings)),
+            queue_depths=lambda: queue_depths(settings.broker_url, QUEUES))
 
     return ServiceParts(make, servicer.add_to_server, tasks.register_tasks)
 

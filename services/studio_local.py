@@ -21,7 +21,6 @@ from services.orchestrator.embedded import STORE_DIR
 from services.orchestrator.engine import Orchestrator
 from services.orchestrator.index import MemoryIndex
 from services.orchestrator.model import Item
-from services.orchestrator.routing import Thresholds
 from services.studio.identity import Caller
 
 
@@ -76,9 +75,8 @@ def embedded_backend(settings: Settings, out_dir: Path, sam: LoadedSam | None = 
     store = LocalStore(store_dir)
     sam = sam if sam is not None else load_from_settings(settings)
     decoder = DecoderCore(sam, store, settings.embedding_cache_size)
-    orchestrator = Orchestrator(store, MemoryIndex(), InlineDispatcher({}, settings.max_attempts),
-                                Thresholds(settings.accept_threshold, settings.review_threshold),
-                                lease_s=settings.review_lease_s, audit_rate=settings.audit_rate)
+    orchestrator = Orchestrator.from_settings(settings, store, MemoryIndex(),
+                                              InlineDispatcher({}, settings.max_attempts))
     orchestrator.rebuild_index()  # unfinished items stay as they are: `dataengine run` finishes them
     for item_id, _ in orchestrator.index.queue()[:1]:
         key = orchestrator.load(item_id).outputs.get("embed", "")

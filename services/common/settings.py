@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     # Input limits
     max_image_pixels: int = Field(89_478_485, ge=1)  # Pillow's decompression-bomb limit
     max_message_bytes: int = Field(64 * MiB, ge=1 * MiB)  # gRPC send/receive limit
+    max_labels: int = Field(256, ge=1)  # known labels of one request (services/common/limits.py)
+    max_label_chars: int = Field(200, ge=1)  # longest label: a noun phrase, not a document
+    max_id_chars: int = Field(128, ge=24)  # longest item id or page token a caller may send
 
     # Servers
     host: str = "0.0.0.0"

@@ -18,6 +18,7 @@ import numpy as np
 from services.common.concepts import NounPhrase, Proposal
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound
 from services.common.images import decode_image, image_size
+from services.common.limits import Limits
 from services.common.settings import Settings
 from services.common.storage import ObjectStore, open_store
 from services.concepts.ontology import Taxonomy, drop_contradictions
@@ -144,7 +145,7 @@ class ConceptsCore:
         for name, value in (("max_positives", max_positives), ("max_negatives", max_negatives)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidInput(f"{name} must be an integer >= 0 (0: the configured default), got {value!r}")
-        labels = clean_labels(known_labels)
+        labels = clean_labels(known_labels, Limits.from_settings(self.settings))
         chosen = self.backend_named(backend)
         pixels = self._read(ImageSource.of(image), chosen.needs_pixels)
         positives = max_positives or self.settings.concepts_max_positives

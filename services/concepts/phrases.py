@@ -17,7 +17,7 @@ from typing import Sequence
 
 from services.common.concepts import Proposal
 from services.common.errors import InvalidInput
-from services.common.limits import check_labels
+from services.common.limits import Limits
 
 # Dropped from the front of a phrase: they count or point at the object, they do not name it.
 LEADING_WORDS = frozenset((
@@ -161,14 +161,14 @@ def _drop_leading(words: list[str]) -> list[str]:
         return _strip_punctuation(" ".join(words)).split()
 
 
-def clean_labels(known_labels: Sequence[str]) -> list[str]:
+def clean_labels(known_labels: Sequence[str], limits: Limits = Limits()) -> list[str]:
     """The caller's known labels, cleaned, without repeats (the first wins, order kept).
 
     An empty, non-text or nothing-left label ("the", "!!") is ``InvalidInput`` naming its index:
     it is a caller's mistake, not a phrase. An empty list is valid (nothing is known).
     """
     labels: list[str] = []
-    for i, label in enumerate(check_labels(known_labels)):
+    for i, label in enumerate(limits.check_labels(known_labels)):
         text = clean_phrase(label)
         if not text:
             raise InvalidInput(f"known label {i} {label!r:.100} names nothing once articles, numbers and "

@@ -29,7 +29,6 @@ from services.orchestrator.dispatch import InlineDispatcher
 from services.orchestrator.engine import Orchestrator, Submission
 from services.orchestrator.index import MemoryIndex
 from services.orchestrator.model import DECODE, EMBED, PROPOSE, VERIFY, Item, Stage, manifest_key
-from services.orchestrator.routing import Thresholds
 from services.verifier import step as verifier_step
 from services.verifier.core import VerifierCore
 
@@ -74,10 +73,7 @@ class EmbeddedEngine:
                     DECODE: decoder_step.make_handler(decoder, self.store),
                     VERIFY: verifier_step.make_handler(verifier, self.store)}
         self.dispatcher = InlineDispatcher(handlers, settings.max_attempts)
-        self.orchestrator = Orchestrator(self.store, MemoryIndex(), self.dispatcher,
-                                         Thresholds(settings.accept_threshold, settings.review_threshold),
-                                         dict(settings.amg_params), lease_s=settings.review_lease_s,
-                                         audit_rate=settings.audit_rate)
+        self.orchestrator = Orchestrator.from_settings(settings, self.store, MemoryIndex(), self.dispatcher)
 
     def resume(self) -> int:
         """Finish what an interrupted run left; returns how many items it had unfinished."""

@@ -25,13 +25,14 @@ from typing import Callable, Protocol, Sequence
 from services.common import keys
 from services.common.decoded import DecodeOutput
 from services.common.errors import InvalidInput, NotFound
-from services.common.limits import MAX_ID_CHARS, check_labels
+from services.common.limits import Limits
 from services.common.masks import MaskRecord
 from services.common.steps import StepReport, StepRequest
 from services.common.storage import ObjectStore, check_key
 from services.common.verdicts import Verification
-from services.orchestrator.index import Index, now, page
 from services.common.review import ReviewSubmission
+from services.common.settings import Settings
+from services.orchestrator.index import Index, now, page
 from services.orchestrator.model import (DECODE, EMBED, PROPOSE, VERIFY, Item, ItemState, PhraseResult, Stage,
                                          item_id_for, manifest_key)
 from services.orchestrator.review import ReviewDesk, put_review_events
@@ -69,15 +70,24 @@ class Orchestrator:
     queue_depths: Callable[[], dict[str, int]] = dict  # per queue: ready + unacknowledged
     lease_s: float = 600.0  # a review claim without a heartbeat this long goes back to the queue
     audit_rate: float = 0.05  # share of human-accepted items a second annotator checks
+    limits: Limits = field(default_factory=Limits)  # what a caller may send (Limits.from_settings)
 
     def __post_init__(self) -> None:
         self.desk = ReviewDesk(self, self.lease_s, self.audit_rate)
 
+    @classmethod
+    def from_settings(cls, settings: Settings, store: ObjectStore, index: Index, dispatcher: Dispatcher,
+                      **more) -> "Orchestrator":
+        """The orchestrator the settings describe (thresholds, AMG parameters, review lease and
+        audit, input limits) over these parts; ``more``: other fields (``queue_depths``)."""
+        return cls(store, index, dispatcher, Thresholds(settings.accept_threshold, settings.review_threshold),
+                   dict(settings.amg_params), lease_s=settings.review_lease_s, audit_rate=settings.audit_rate,
+                   limits=Limits.from_settings(settings), **more)
+
     # -- items -----------------------------------------------------------------------------------
 
     def load(self, item_id: str) -> Item:
-        if len(item_id) > MAX_ID_CHARS:  # and no echo of it: a huge id would not fit a gRPC trailer
-            raise InvalidInput(f"bad item id: {len(item_id)} characters, at most {MAX_ID_CHARS}")
+        self.limits.check_id(item_id, "item id")  # before any echo of it
         try:
             data = self.store.get(manifest_key(item_id))
         except InvalidInput:
@@ -112,7 +122,7 @@ class Orchestrator:
         """
         if not images:
             raise InvalidInput("no images to submit")
-        labels = _labels(known_labels)
+        labels = [label.strip() for label in self.limits.check_labels(known_labels)]
         stage = Stage.parse(stage)
         # Check every image before storing any: a refused request ingests nothing.
         for i, image in enumerate(images):
@@ -291,7 +301,7 @@ class Orchestrator:
                    token: str = "") -> tuple[list[Item], str]:
         if not 0 < page_size <= MAX_PAGE_SIZE:
             raise InvalidInput(f"page_size must be in [1, {MAX_PAGE_SIZE}], got {page_size}")
-        if token and (len(token) > MAX_ID_CHARS or token not in set(self.index.ids())):
+        if token and (len(token) > self.limits.max_id_chars or token not in set(self.index.ids())):
             # A token is the last item id of the page before; anything else would silently give an
             # empty or shifted page.
             raise InvalidInput(f"page_token {token[:80]!r} is not one ListItems returned; start without one")
@@ -337,6 +347,3 @@ def _need(out: dict, name: str, kind: type):
         raise InvalidInput(f"step output {name!r} must be {kind.__name__}, got {value!r:.100}")
     return value
 
-
-def _labels(known_labels: Sequence[str]) -> list[str]:
-    return [label.strip() for label in check_labels(known_labels)]
