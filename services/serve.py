@@ -4,8 +4,12 @@ both over one core object (the model is loaded once)."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from dataclasses import dataclass
 from typing import Callable
+
+from celery.signals import worker_ready
 
 from services.common.auth import TokenFile
 from services.common.grpc_server import build_server, serve_until_signal
@@ -136,6 +140,7 @@ def open_tokens(settings: Settings) -> TokenFile | None:
 def run_service(service: str, settings: Settings, grpc_server: bool = True, worker: bool = True) -> None:
     """Serve until SIGTERM: gRPC in a thread pool, the Celery worker (solo pool) in the main thread."""
     setup_logging(settings.log_level)
+    early_stop = _EarlyStop() if worker else None
     parts = SERVICES[service]()
     tokens = open_tokens(settings) if grpc_server else None
     core = parts.make_core(settings)
@@ -153,6 +158,7 @@ def run_service(service: str, settings: Settings, grpc_server: bool = True, work
         server.start()
     app = create_celery(settings)
     _register(app, service, parts, lambda: core, settings)
+    worker_ready.connect(early_stop.replay, weak=False)
     try:
         # Solo pool: the model lives in this process once; CUDA does not survive fork anyway.
         # Celery turns SIGTERM into a warm shutdown: the running task finishes, then we return.
@@ -161,3 +167,20 @@ def run_service(service: str, settings: Settings, grpc_server: bool = True, work
     finally:
         if server is not None:
             server.stop(settings.shutdown_grace_s).wait()
+
+
+class _EarlyStop:
+    """A SIGTERM before Celery's own handler is in place (the gRPC server already answers while the
+    worker starts) would kill the process by default; this handler keeps it, and ``replay`` (on
+    ``worker_ready``, Celery's handler installed) sends it again: a warm shutdown, exit code 0."""
+
+    def __init__(self) -> None:
+        self.received = False
+        signal.signal(signal.SIGTERM, self._keep)
+
+    def _keep(self, signum, frame) -> None:
+        self.received = True
+
+    def replay(self, **_) -> None:
+        if self.received:
+            os.kill(os.getpid(), signal.SIGTERM)
