@@ -91,7 +91,9 @@ class MaskRecord:
 
     segmentation: COCO compressed RLE of the full-image mask.
     bbox: XYWH pixels. area: pixels. point_coords: [[x, y], ...] prompt points in pixels.
-    crop_box: XYWH of the crop the mask was generated in.
+    crop_box: XYWH of the crop the mask was generated in. source: who made it, "sam1:MODEL_ID" (the
+    decoder, from a prompt), "sam3:DIR" (a segmenting grounding backend), "human:PRINCIPAL"; empty
+    for grid masks (and then not written: SA-1B records stay as the official ones).
     """
 
     segmentation: dict
@@ -101,20 +103,22 @@ class MaskRecord:
     stability_score: float
     point_coords: list[list[float]] = field(default_factory=list)
     crop_box: list[float] = field(default_factory=list)
+    source: str = ""
 
     def to_json(self) -> dict:
-        return {"segmentation": self.segmentation, "bbox": [float(v) for v in self.bbox],
-                "area": int(self.area), "predicted_iou": float(self.predicted_iou),
-                "stability_score": float(self.stability_score),
-                "point_coords": [[float(x), float(y)] for x, y in self.point_coords],
-                "crop_box": [float(v) for v in self.crop_box]}
+        d = {"segmentation": self.segmentation, "bbox": [float(v) for v in self.bbox],
+             "area": int(self.area), "predicted_iou": float(self.predicted_iou),
+             "stability_score": float(self.stability_score),
+             "point_coords": [[float(x), float(y)] for x, y in self.point_coords],
+             "crop_box": [float(v) for v in self.crop_box]}
+        return d | {"source": self.source} if self.source else d
 
     @classmethod
     def from_json(cls, d: dict) -> "MaskRecord":
         return cls(segmentation=d["segmentation"], bbox=list(d["bbox"]), area=int(d["area"]),
                    predicted_iou=float(d["predicted_iou"]), stability_score=float(d["stability_score"]),
                    point_coords=[list(p) for p in d.get("point_coords", [])],
-                   crop_box=list(d.get("crop_box", [])))
+                   crop_box=list(d.get("crop_box", [])), source=str(d.get("source", "")))
 
     def to_proto(self) -> common_pb2.Mask:
         return common_pb2.Mask(
@@ -122,14 +126,15 @@ class MaskRecord:
             bbox=self.bbox, area=self.area, predicted_iou=self.predicted_iou,
             stability_score=self.stability_score,
             point_coords=[common_pb2.Point(x=x, y=y, label=1) for x, y in self.point_coords],
-            crop_box=self.crop_box)
+            crop_box=self.crop_box, source=self.source)
 
     @classmethod
     def from_proto(cls, m: common_pb2.Mask) -> "MaskRecord":
         return cls(segmentation={"size": list(m.segmentation.size), "counts": m.segmentation.counts},
                    bbox=list(m.bbox), area=m.area, predicted_iou=m.predicted_iou,
                    stability_score=m.stability_score,
-                   point_coords=[[p.x, p.y] for p in m.point_coords], crop_box=list(m.crop_box))
+                   point_coords=[[p.x, p.y] for p in m.point_coords], crop_box=list(m.crop_box),
+                   source=m.source)
 
     def decode(self) -> np.ndarray:
         return decode_rle(self.segmentation)

@@ -92,7 +92,7 @@ def checked_mask(record: MaskRecord, size: tuple[int, int], what: str) -> MaskRe
     # COCO's bbox (pixels counted, as pycocotools reads it off the RLE), what the exports carry.
     return MaskRecord(segmentation=segmentation, bbox=[x, y, bw, bh], area=int(mask_utils.area(rle)),
                       predicted_iou=unit(record.predicted_iou), stability_score=unit(record.stability_score),
-                      point_coords=points, crop_box=crop)
+                      point_coords=points, crop_box=crop, source=record.source)
 
 
 @dataclass

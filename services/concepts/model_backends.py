@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 
-from services.common.concepts import HardNegative, NounPhrase, Proposal
+from services.common.concepts import HardNegative, Instance, NounPhrase, Proposal, merge_instances
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.mllm import ModelOutputError, check_pixels
 from services.common.settings import Settings
@@ -132,6 +132,30 @@ def _item(value: Any, what: str) -> dict:
     return {**value, "text": text}
 
 
+def _instances(item: dict, what: str, size: tuple[int, int], source: str) -> tuple[Instance, ...]:
+    """A phrase's instances in pixels: its "instances" list, and the one "box"/"point" of the
+    one-instance answer shape; unusable geometry drops the instance, never the phrase."""
+    height, width = size
+    raw = item.get("instances")
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise ModelOutputError(f"{what} instances must be a list, got {type(raw).__name__}")
+    entries = [(f"{what}", item)] if ("box" in item or "point" in item) else []
+    for j, inst in enumerate(raw[:MAX_ITEMS]):
+        if not isinstance(inst, dict):
+            raise ModelOutputError(f"{what} instances[{j}] must be an object, got {inst!r:.80}")
+        entries.append((f"{what} instances[{j}]", inst))
+    instances = []
+    for where, d in entries:
+        box = scale_box(_coords(d.get("box"), 4, f"{where} box"), height, width)
+        point = scale_point(_coords(d.get("point"), 2, f"{where} point"), height, width)
+        score = _number(d.get("score", item.get("score", 1.0)), f"{where} score")
+        if box is not None or point is not None:
+            instances.append(Instance(box, point, score, source=source))
+    return merge_instances(instances)
+
+
 def _list(data: dict, key: str, required: bool) -> list:
     value = data.get(key)
     if value is None and not required:
@@ -149,25 +173,25 @@ def parse_proposal(answer: str, image_size: tuple[int, int], source: str) -> Pro
     it tolerated, only its first ``MAX_ANSWER_CHARS`` read). image_size: (height, width) in pixels
     of the image the model saw, as ``pixels.shape[:2]``. source: recorded on every phrase.
 
-    Boxes and points are converted from 0-1000 to pixels (``scale_box``, ``scale_point``);
-    unusable geometry is dropped, keeping the phrase. A repeated phrase (case-insensitive) is
-    dropped, as is a hard negative that is also a positive; every hard negative's reason is
-    "model". Anything else malformed is ``ModelOutputError`` (an ``InvalidInput``) saying what.
+    Each phrase's instances (its "instances" list, or the one "box"/"point" of the older answer
+    shape) are converted from 0-1000 to pixels (``scale_box``, ``scale_point``); unusable geometry
+    drops the instance, keeping the phrase. A repeated phrase (case-insensitive) is merged into its
+    first occurrence (instances joined, duplicates by box IoU removed, the higher score); a hard
+    negative that is also a positive is dropped; every hard negative's reason is "model". Anything else malformed is ``ModelOutputError`` (an ``InvalidInput``) saying what.
     """
     height, width = image_size
     try:
         data = extract_json(answer)
         positives, negatives = _list(data, "phrases", True), _list(data, "hard_negatives", False)
-        seen: set[str] = set()
-        phrases = []
+        by_text: dict[str, NounPhrase] = {}
         for i, raw in enumerate(positives):
             item, what = _item(raw, f"phrases[{i}]"), f"phrases[{i}]"
-            box = scale_box(_coords(item.get("box"), 4, f"{what} box"), height, width)
-            point = scale_point(_coords(item.get("point"), 2, f"{what} point"), height, width)
-            score = _number(item.get("score", 1.0), f"{what} score")
-            if item["text"].casefold() not in seen:
-                seen.add(item["text"].casefold())
-                phrases.append(NounPhrase(item["text"], score, source, box, point))
+            phrase = NounPhrase(item["text"], _number(item.get("score", 1.0), f"{what} score"), source,
+                                _instances(item, what, (height, width), source))
+            folded = phrase.text.casefold()  # a phrase given twice: one phrase with both's instances
+            by_text[folded] = by_text[folded].merged(phrase) if folded in by_text else phrase
+        phrases = list(by_text.values())
+        seen = set(by_text)
         hard_negatives = []
         for i, raw in enumerate(negatives):
             item, what = _item(raw, f"hard_negatives[{i}]"), f"hard_negatives[{i}]"

@@ -15,7 +15,7 @@ from dataclasses import replace
 from functools import lru_cache
 from typing import Sequence
 
-from services.common.concepts import Proposal
+from services.common.concepts import NounPhrase, Proposal
 from services.common.errors import InvalidInput
 from services.common.limits import Limits
 
@@ -182,20 +182,24 @@ def clean_proposal(proposal: Proposal, max_positives: int, max_negatives: int) -
     """``proposal`` with every text cleaned, capped at ``max_positives`` phrases and
     ``max_negatives`` hard negatives (0 keeps none).
 
-    The first occurrence of a text wins, with its box, point, score, reason and source; a phrase
-    with nothing left is dropped, and so is a hard negative that is also a positive (even one
-    beyond the cap: the backend said it is present).
+    Phrases that clean to the same text are one phrase ("dogs", "the dog"): the first keeps its
+    place, text and source, the instances of all are joined with duplicates (box IoU >=
+    ``DUPLICATE_IOU``) removed, and the highest score stays. A phrase with nothing left is dropped,
+    and so is a hard negative that is also a positive (even one beyond the cap: the backend said it
+    is present); of repeated negatives the first wins.
     """
-    phrases, seen = [], set()
+    by_text: dict[str, NounPhrase] = {}
     for phrase in proposal.phrases:
         text = clean_phrase(phrase.text)
-        if text and text not in seen:
-            seen.add(text)
-            phrases.append(phrase if text == phrase.text else replace(phrase, text=text))
+        if not text:
+            continue
+        phrase = phrase if text == phrase.text else replace(phrase, text=text)
+        by_text[text] = by_text[text].merged(phrase) if text in by_text else phrase
+    seen = set(by_text)
     negatives = []
     for negative in proposal.hard_negatives:
         text = clean_phrase(negative.text)
         if text and text not in seen:
             seen.add(text)
             negatives.append(negative if text == negative.text else replace(negative, text=text))
-    return Proposal(phrases[:max(max_positives, 0)], negatives[:max(max_negatives, 0)])
+    return Proposal(list(by_text.values())[:max(max_positives, 0)], negatives[:max(max_negatives, 0)])

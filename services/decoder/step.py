@@ -1,21 +1,27 @@
-"""The pipeline step ``decode``: an item's grid masks, and masks for the phrases that come grounded.
+"""The pipeline step ``decode``: an item's grid masks, and a mask for every instance of every phrase.
 
 Inputs: ``embedding_key`` (the full image's), ``concepts_key`` (the propose step's Proposal JSON),
 ``amg_params`` (optional JSON of AmgParams fields).
 Writes a ``DecodeOutput`` to ``step_key(item_id, "decode")``: the grid masks' key, and each
-proposed phrase with its mask where the concepts backend gave a box or a point (one Predict with
-that prompt, best single mask); other positives stay image-level labels; hard negatives have no mask.
-Outputs: ``masks_key``, ``decode_key``, ``count`` (grid masks).
+proposed phrase with one mask per instance: the instance's own mask when its backend segments
+(SAM 3; it must have the image's size), else one Predict with its box and/or point (best single
+mask). Each mask records who made it (``MaskRecord.source``). A positive without instances stays
+an image-level label; hard negatives have no mask.
+Outputs: ``masks_key``, ``decode_key``, ``count`` (grid masks), ``instances`` (phrase masks).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from services.common.concepts import NounPhrase, Proposal
+from services.common.concepts import Instance, NounPhrase, Proposal
 from services.common.decoded import DecodeOutput, GroundedPhrase
+from services.common.errors import InvalidInput
 from services.common.keys import step_key
 from services.common.masks import MaskRecord
+from services.common.review import checked_mask
 from services.common.steps import StepHandler, StepRequest
 from services.common.storage import ObjectStore
 from services.decoder.core import DecoderCore
@@ -24,15 +30,28 @@ from services.decoder.prompts import Prompt
 
 
 def ground(core: DecoderCore, embedding_key: str, phrase: NounPhrase) -> list[MaskRecord]:
-    """The best single mask for a phrase's box and/or point (original-image pixels), or []."""
-    if phrase.box is None and phrase.point is None:
-        return []
-    points = np.asarray([phrase.point] if phrase.point is not None else np.zeros((0, 2)), dtype=np.float32)
+    """One mask per instance of ``phrase``, in its order (original-image pixels)."""
+    return [instance_mask(core, embedding_key, inst, f"phrase {phrase.text!r} instance {j}")
+            for j, inst in enumerate(phrase.instances)]
+
+
+def instance_mask(core: DecoderCore, embedding_key: str, inst: Instance, what: str) -> MaskRecord:
+    """The instance's own mask (checked against the image's size; scored by the backend, and
+    stable by construction: it is binary), else SAM's best single mask for its box and/or point."""
+    if inst.mask is not None:
+        size = tuple(core.read_embedding(embedding_key).original_size)
+        return checked_mask(MaskRecord(inst.mask, [], 0, inst.score, 1.0, source=inst.source), size,
+                            f"{what} mask from {inst.source or 'the grounding backend'}")
+    points = np.asarray([inst.point] if inst.point is not None else np.zeros((0, 2)), dtype=np.float32)
     prompt = Prompt(embedding_key=embedding_key, points=points.reshape(-1, 2),
                     labels=np.ones(len(points), dtype=np.int32),
-                    box=None if phrase.box is None else np.asarray(phrase.box, dtype=np.float32),
+                    box=None if inst.box is None else np.asarray(inst.box, dtype=np.float32),
                     multimask_output=False)
-    return core.predict(prompt).masks[:1]
+    try:
+        best = core.predict(prompt).masks[0]
+    except InvalidInput as exc:
+        raise InvalidInput(f"{what}: {exc}") from None
+    return replace(best, source=f"sam1:{core.model_id}")
 
 
 def make_handler(core: DecoderCore, store: ObjectStore) -> StepHandler:
@@ -47,6 +66,7 @@ def make_handler(core: DecoderCore, store: ObjectStore) -> StepHandler:
         phrases += [GroundedPhrase(n.text, True, [], False, n.source) for n in proposal.hard_negatives]
         key = step_key(request.item_id, "decode")
         store.put(key, DecodeOutput(result.masks_key, phrases).to_bytes(), content_type="application/json")
-        return {"masks_key": result.masks_key, "decode_key": key, "count": len(result.masks)}
+        return {"masks_key": result.masks_key, "decode_key": key, "count": len(result.masks),
+                "instances": sum(len(p.masks) for p in phrases)}
 
     return handle

@@ -152,6 +152,8 @@ def write_coco(store: ObjectStore, fp: TextIO, states: States = None) -> ExportS
                            "segmentation": _compressed_rle(mask.segmentation),
                            "bbox": [float(v) for v in mask.bbox], "area": int(mask.area), "iscrowd": 0,
                            "score": float(p.score)}
+                    if mask.source:  # who made it: "sam1:MODEL_ID", "sam3:DIR", "human:PRINCIPAL"
+                        ann["source"] = mask.source
                     spool.write(json.dumps(ann, **_COMPACT) + "\n")
         category_ids = {phrase: i for i, phrase in enumerate(sorted(phrases), start=1)}
         fp.write('],"annotations":[')

@@ -39,13 +39,13 @@ class PixelBackend:
 
     def propose(self, pixels, known_labels, max_positives, max_negatives) -> Proposal:
         self.seen.append((pixels.shape, pixels.dtype))
-        return Proposal([NounPhrase("thing", 0.5, self.name, box=(0, 0, 3, 2))],
+        return Proposal([NounPhrase.at("thing", 0.5, self.name, box=(0, 0, 3, 2))],
                         [HardNegative("other thing", "model", 0.25, self.name)])
 
 
 def _proposal() -> Proposal:
-    return Proposal(phrases=[NounPhrase("red car", 0.75, "test", box=(1, 2, 30, 40)),
-                             NounPhrase("wheel", 1.0, "test", point=(5.5, 6.0)), NounPhrase("sky")],
+    return Proposal(phrases=[NounPhrase.at("red car", 0.75, "test", box=(1, 2, 30, 40)),
+                             NounPhrase.at("wheel", 1.0, "test", point=(5.5, 6.0)), NounPhrase("sky")],
                     hard_negatives=[HardNegative("blue car", "attribute_swap", 0.5, "test")])
 
 
@@ -59,8 +59,9 @@ def test_proposal_round_trips_through_json_bytes_and_proto():
     assert back.to_json() == proposal.to_json()  # these values are exact in float32
     assert [p.grounded for p in back.phrases] == [True, True, False]
     msg = proposal.to_proto()
-    assert msg.phrases[0].HasField("box") and not msg.phrases[0].HasField("point")
-    assert not msg.phrases[2].HasField("box") and msg.phrases[1].point.label == 1
+    first, second = msg.phrases[0].instances[0], msg.phrases[1].instances[0]
+    assert first.HasField("box") and not first.HasField("point") and not first.HasField("mask")
+    assert list(msg.phrases[2].instances) == [] and second.point.label == 1
 
 
 def _good() -> dict:
@@ -78,6 +79,14 @@ BAD_PROPOSALS = {
     "score above 1": (lambda d: {**d, "phrases": [{"text": "a", "score": 1.5}]}, "in [0, 1]"),
     "bool score": (lambda d: {**d, "phrases": [{"text": "a", "score": True}]}, "finite number"),
     "box of 3": (lambda d: {**d, "phrases": [{"text": "a", "box": [1, 2, 3]}]}, "box must be 4 numbers"),
+    "instance box of 3": (lambda d: {**d, "phrases": [{"text": "a", "instances": [{"box": [1, 2, 3]}]}]},
+                          "phrases[0] instances[0]: instance box must be 4 numbers"),
+    "empty instance": (lambda d: {**d, "phrases": [{"text": "a", "instances": [{"score": 0.5}]}]},
+                       "instances[0]: an instance needs a box, a point or a mask"),
+    "instance mask garbage": (lambda d: {**d, "phrases": [{"text": "a", "instances": [
+        {"mask": {"size": [4, 5], "counts": "0"}}]}]}, "instance mask: its runs cover 0 pixels, not 4x5 = 20"),
+    "instances not a list": (lambda d: {**d, "phrases": [{"text": "a", "instances": {"box": [0, 0, 1, 1]}}]},
+                             "instances must be a list"),
     "box reversed": (lambda d: {**d, "phrases": [{"text": "a", "box": [5, 0, 1, 1]}]}, "x0 <= x1"),
     "point with text": (lambda d: {**d, "phrases": [{"text": "a", "point": ["x", 1]}]}, "point[0]"),
     "negative without reason": (lambda d: {**d, "hard_negatives": [{"text": "b"}]},

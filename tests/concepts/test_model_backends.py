@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import grpc
@@ -46,6 +47,12 @@ def pixels() -> np.ndarray:
     return rgb_array(H, W, seed=3)
 
 
+def where(phrase) -> tuple:
+    """(box, point) of a phrase's only instance; (None, None) without one."""
+    assert len(phrase.instances) <= 1, phrase
+    return (phrase.instances[0].box, phrase.instances[0].point) if phrase.instances else (None, None)
+
+
 def client(stub, timeout_s: float = 10.0, max_retries: int = 0) -> EndpointClient:
     return EndpointClient(stub.url, "stub-model", "sk-test", timeout_s, max_retries)
 
@@ -56,8 +63,9 @@ def test_a_good_answer_becomes_a_proposal_in_original_pixels():
     p = parse_proposal(answer(), (H, W), SRC)
     taxi, road = p.phrases
     assert (taxi.text, taxi.score, taxi.source) == ("yellow taxi", 0.9, SRC)
-    assert taxi.box == pytest.approx((6.0, 10.0, 30.0, 30.0)) and taxi.point is None
-    assert road.box is None and road.point == pytest.approx((30.0, 36.0))
+    assert where(taxi)[0] == pytest.approx((6.0, 10.0, 30.0, 30.0)) and where(taxi)[1] is None
+    assert where(road)[0] is None and where(road)[1] == pytest.approx((30.0, 36.0))
+    assert taxi.instances[0].score == 0.9 and taxi.instances[0].source == SRC
     [bus] = p.hard_negatives
     assert (bus.text, bus.reason, bus.score, bus.source) == ("yellow school bus", "model", 0.8, SRC)
 
@@ -86,12 +94,41 @@ def test_the_object_is_found_inside_fences_and_prose(wrapped):
 def test_geometry_is_scaled_clipped_or_dropped_keeping_the_phrase(box, point, want_box, want_point):
     [dog] = parse_proposal(answer([{"text": "dog", "box": box, "point": point}], []), (H, W), SRC).phrases
     assert dog.text == "dog"
-    assert dog.box == (pytest.approx(want_box) if want_box else None)
-    assert dog.point == (pytest.approx(want_point) if want_point else None)
+    if want_box is None and want_point is None:
+        assert dog.instances == () and not dog.grounded  # an image-level label
+        return
+    box, point = where(dog)
+    assert box == (pytest.approx(want_box) if want_box else None)
+    assert point == (pytest.approx(want_point) if want_point else None)
+
+
+def test_every_instance_of_a_phrase_is_kept_and_repeats_merge():
+    """Three dogs are three instances; a phrase given twice is one phrase with both's instances,
+    a duplicate box (IoU >= 0.7) counted once at its higher score; old and new shapes mix."""
+    phrases = [{"text": "dog", "score": 0.9, "instances": [
+                   {"box": [0, 0, 100, 100], "score": 0.9}, {"box": [200, 0, 300, 100], "score": 0.8},
+                   {"point": [500, 500], "score": 0.7}, {"box": [2000, 2000, 3000, 3000]}]},  # the last: off the image
+               {"text": "Dog", "box": [5, 0, 100, 100], "score": 0.95},  # the first box again
+               {"text": "dog", "score": 0.6, "instances": [{"box": [600, 0, 700, 100], "score": 0.6}]}]
+    [dog] = parse_proposal(answer(phrases, []), (H, W), SRC).phrases
+    assert dog.text == "dog" and dog.score == 0.95
+    boxes = [(i.box and tuple(round(v, 2) for v in i.box), i.point, i.score) for i in dog.instances]
+    assert boxes == [((0.3, 0.0, 6.0, 4.0), None, 0.95), ((12.0, 0.0, 18.0, 4.0), None, 0.8),
+                     (None, (30.0, 20.0), 0.7), ((36.0, 0.0, 42.0, 4.0), None, 0.6)]
+
+
+def test_bad_instances_are_model_output_errors_naming_the_field():
+    for phrases, message in [([{"text": "dog", "instances": {"box": [0, 0, 1, 1]}}], "phrases[0] instances must be a list"),
+                             ([{"text": "dog", "instances": ["here"]}], "phrases[0] instances[0] must be an object"),
+                             ([{"text": "dog", "instances": [{"box": [0, 0, 1]}]}], "phrases[0] instances[0] box"),
+                             ([{"text": "dog", "instances": [{"box": [0, 0, 500, 500], "score": float("nan")}]}],
+                              "phrases[0] instances[0] score")]:
+        with pytest.raises(ModelOutputError, match=re.escape(message)):
+            parse_proposal(json.dumps({"phrases": phrases}), (H, W), SRC)
 
 
 @pytest.mark.parametrize("phrases, negatives, want_phrases, want_negatives", [
-    # a repeat (case-insensitive) is dropped, the first spelling kept
+    # a repeat (case-insensitive) merges into the first, its spelling kept
     ([{"text": "Dog"}, {"text": "dog"}], [], ["Dog"], []),
     # a negative that is also a positive is dropped
     ([{"text": "dog"}], [{"text": "DOG"}, {"text": "wolf"}], ["dog"], ["wolf"]),
@@ -160,7 +197,7 @@ def test_openai_backend_proposes_from_a_good_answer(openai_stub, pixels):
     openai_stub.push(Reply(answer()))
     p = openai_backend(openai_stub).propose(pixels, ["taxi", "café"], 5, 3)
     assert [x.text for x in p.phrases] == ["yellow taxi", "road"] and p.phrases[0].source == "openai:stub-model"
-    assert p.phrases[0].box == pytest.approx((6.0, 10.0, 30.0, 30.0))
+    assert where(p.phrases[0])[0] == pytest.approx((6.0, 10.0, 30.0, 30.0))
     [seen] = openai_stub.seen
     assert '["taxi", "café"]' in seen.prompt and "at most 5 short noun phrases" in seen.prompt
     assert "at most 3 noun phrases for things that are NOT" in seen.prompt and seen.body["max_tokens"] == 300
@@ -339,7 +376,7 @@ def test_model_backends_over_grpc(openai_stub, tiny_mllm_dir, local_store):
         openai_stub.push(Reply(answer()))
         proposal = Proposal.from_proto(stub.Propose(request, timeout=30))
         assert [p.text for p in proposal.phrases] == ["yellow taxi", "road"]
-        assert proposal.phrases[0].box == pytest.approx((6.0, 10.0, 30.0, 30.0))  # 0-1000 -> pixels
+        assert where(proposal.phrases[0])[0] == pytest.approx((6.0, 10.0, 30.0, 30.0))  # 0-1000 -> pixels
         assert [(n.text, n.source) for n in proposal.hard_negatives] == [("yellow school bus", "openai:stub-model")]
         assert '"taxi"' in openai_stub.seen[0].prompt  # the known label, cleaned
         openai_stub.push(Reply(answer(), delay_s=5.0))

@@ -8,10 +8,12 @@ import re
 from importlib import resources
 
 import inflect
+import numpy as np
 import pytest
 
-from services.common.concepts import HardNegative, NounPhrase, Proposal
+from services.common.concepts import HardNegative, Instance, NounPhrase, Proposal
 from services.common.errors import InvalidInput
+from services.common.masks import encode_rle
 from services.common.settings import Settings
 from services.concepts.core import ConceptsCore
 from services.concepts.phrases import KEEP_AS_IS, PREPOSITIONS, clean_labels, clean_phrase, clean_proposal
@@ -143,20 +145,34 @@ def test_bad_labels_are_invalid_input(case):
 def _messy() -> Proposal:
     # Valid as a Proposal (unique case-insensitively) but not clean: repeats appear only after cleaning.
     return Proposal(
-        phrases=[NounPhrase("Dogs", 0.75, "m", box=(1, 2, 3, 4)), NounPhrase("the dog", 0.5, "m", point=(9, 9)),
+        phrases=[NounPhrase.at("Dogs", 0.75, "m", box=(1, 2, 3, 4)), NounPhrase.at("the dog", 0.5, "m", point=(9, 9)),
                  NounPhrase("Cat's", 0.25, "m"), NounPhrase("...", 0.5, "m"), NounPhrase("red cars", 0.5, "m")],
         hard_negatives=[HardNegative("Wolves", "model", 0.5, "m"), HardNegative("a wolf", "model", 0.25, "m"),
                         HardNegative("CATS", "model", 0.5, "m"), HardNegative("the", "model", 0.5, "m"),
                         HardNegative("fox", "ontology_sibling", 0.9, "m")])
 
 
-def test_clean_proposal_keeps_the_first_occurrence_with_its_geometry():
+def test_clean_proposal_merges_phrases_that_clean_to_one_text():
     proposal = clean_proposal(_messy(), 10, 10)
-    assert proposal.phrases == [NounPhrase("dog", 0.75, "m", box=(1, 2, 3, 4)), NounPhrase("cat", 0.25, "m"),
-                                NounPhrase("red car", 0.5, "m")]
+    # "Dogs" and "the dog" are one phrase: the first's place, text and source, both instances
+    dog = NounPhrase("dog", 0.75, "m", (Instance((1, 2, 3, 4), None, 0.75, source="m"),
+                                        Instance(None, (9, 9), 0.5, source="m")))
+    assert proposal.phrases == [dog, NounPhrase("cat", 0.25, "m"), NounPhrase("red car", 0.5, "m")]
     # "cats" is a positive, so it cannot be a negative too; "the" names nothing
     assert proposal.hard_negatives == [HardNegative("wolf", "model", 0.5, "m"),
                                        HardNegative("fox", "ontology_sibling", 0.9, "m")]
+
+
+def test_merging_drops_duplicate_instances_keeping_the_better():
+    first = NounPhrase("dogs", 0.5, "a", (Instance((0, 0, 10, 10), score=0.5), Instance((20, 0, 30, 10), score=0.9)))
+    mask = {"size": [12, 40], "counts": encode_rle(np.pad(np.ones((10, 10), bool), ((0, 2), (1, 29))))["counts"]}
+    second = NounPhrase("a dog", 0.9, "b", (Instance((1, 0, 10, 10), score=0.8),  # IoU 0.9 with the first box
+                                              Instance(mask=mask, score=0.5, source="sam3:x"),  # that dog again, lower
+                                              Instance((50, 0, 60, 10), score=0.3)))
+    [dog] = clean_proposal(Proposal([first, second]), 10, 0).phrases
+    assert (dog.text, dog.score, dog.source) == ("dog", 0.9, "a")
+    assert [(i.box, i.score, i.mask is not None) for i in dog.instances] == [
+        ((1, 0, 10, 10), 0.8, False), ((20, 0, 30, 10), 0.9, False), ((50, 0, 60, 10), 0.3, False)]
 
 
 def test_clean_proposal_caps_after_cleaning():

@@ -51,7 +51,7 @@ def test_outcomes_on_an_in_process_worker(app, local_store, openai_stub):
         # the endpoint: a good answer is a grounded proposal in pixels of the stored image
         openai_stub.push(Reply(json.dumps(GOOD_ANSWER)))
         model = Proposal.from_json(_run(app, "in/a.png", backend="openai").outputs)
-        assert [(p.text, p.box) for p in model.phrases] == [("yellow taxi", (0.0, 0.0, 20.0, 10.0))]
+        assert [(p.text, [i.box for i in p.instances]) for p in model.phrases] == [("yellow taxi", [(0.0, 0.0, 20.0, 10.0)])]
         assert [(n.text, n.source) for n in model.hard_negatives] == [("yellow school bus", "openai:vlm")]
 
         # each bad message -> failure outcome with the reason and the gRPC code name, no crash

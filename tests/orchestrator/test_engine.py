@@ -56,7 +56,7 @@ class BoxConcepts:
     needs_pixels = False
 
     def propose(self, pixels, known_labels: Sequence[str], max_positives=0, max_negatives=0) -> Proposal:
-        return Proposal([NounPhrase(t, 1.0, self.name, box=(2.0, 2.0, 30.0, 20.0)) for t in known_labels],
+        return Proposal([NounPhrase.at(t, 1.0, self.name, box=(2.0, 2.0, 30.0, 20.0)) for t in known_labels],
                         [HardNegative("unicorn", "ontology_sibling", 0.9, self.name)])
 
 

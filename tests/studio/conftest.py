@@ -48,7 +48,7 @@ class GroundedConcepts:
     needs_pixels = False
 
     def propose(self, pixels, known_labels: Sequence[str], max_positives=0, max_negatives=0) -> Proposal:
-        return Proposal([NounPhrase(t, 1.0, self.name, box=BOXES.get(t, (10.0, 10.0, 100.0, 100.0)))
+        return Proposal([NounPhrase.at(t, 1.0, self.name, box=BOXES.get(t, (10.0, 10.0, 100.0, 100.0)))
                          for t in known_labels],
                         [HardNegative("wolf", "ontology_sibling", 0.9, self.name),
                          HardNegative("unicorn", "ontology_lookalike", 0.85, self.name)])

@@ -309,7 +309,7 @@ def _stage_outputs(store, item_id: str = "item-1") -> dict:
     """What the propose and decode steps leave for an item; returns the verify step's inputs."""
     store.put("images/abc", png(*SIZE))
     store.put("masks/m/abc/p.json", json.dumps(sa1b_document("abc", SIZE, GRID)).encode())
-    proposal = Proposal([NounPhrase("car", box=(0, 0, 4, 4)), NounPhrase("sky")],
+    proposal = Proposal([NounPhrase.at("car", box=(0, 0, 4, 4)), NounPhrase("sky")],
                         [HardNegative("truck", "model"), HardNegative("bus", "ontology_sibling")])
     store.put(step_key(item_id, "propose"), proposal.to_bytes())
     decoded = DecodeOutput("masks/m/abc/p.json", [GroundedPhrase("car", False, [mask(0.9, 1.0)], True, "labels"),

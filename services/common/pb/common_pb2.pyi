@@ -104,7 +104,7 @@ class Rle(_message.Message):
     def __init__(self, size: _Optional[_Iterable[int]] = ..., counts: _Optional[str] = ...) -> None: ...
 
 class Mask(_message.Message):
-    __slots__ = ("segmentation", "bbox", "area", "predicted_iou", "stability_score", "point_coords", "crop_box")
+    __slots__ = ("segmentation", "bbox", "area", "predicted_iou", "stability_score", "point_coords", "crop_box", "source")
     SEGMENTATION_FIELD_NUMBER: _ClassVar[int]
     BBOX_FIELD_NUMBER: _ClassVar[int]
     AREA_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class Mask(_message.Message):
     STABILITY_SCORE_FIELD_NUMBER: _ClassVar[int]
     POINT_COORDS_FIELD_NUMBER: _ClassVar[int]
     CROP_BOX_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     segmentation: Rle
     bbox: _containers.RepeatedScalarFieldContainer[float]
     area: int
@@ -119,21 +120,38 @@ class Mask(_message.Message):
     stability_score: float
     point_coords: _containers.RepeatedCompositeFieldContainer[Point]
     crop_box: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, segmentation: _Optional[_Union[Rle, _Mapping]] = ..., bbox: _Optional[_Iterable[float]] = ..., area: _Optional[int] = ..., predicted_iou: _Optional[float] = ..., stability_score: _Optional[float] = ..., point_coords: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., crop_box: _Optional[_Iterable[float]] = ...) -> None: ...
+    source: str
+    def __init__(self, segmentation: _Optional[_Union[Rle, _Mapping]] = ..., bbox: _Optional[_Iterable[float]] = ..., area: _Optional[int] = ..., predicted_iou: _Optional[float] = ..., stability_score: _Optional[float] = ..., point_coords: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., crop_box: _Optional[_Iterable[float]] = ..., source: _Optional[str] = ...) -> None: ...
+
+class Instance(_message.Message):
+    __slots__ = ("box", "point", "score", "mask", "source")
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    POINT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    box: Box
+    point: Point
+    score: float
+    mask: Rle
+    source: str
+    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., point: _Optional[_Union[Point, _Mapping]] = ..., score: _Optional[float] = ..., mask: _Optional[_Union[Rle, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
 
 class NounPhrase(_message.Message):
-    __slots__ = ("text", "score", "source", "box", "point")
+    __slots__ = ("text", "score", "source", "box", "point", "instances")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     BOX_FIELD_NUMBER: _ClassVar[int]
     POINT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
     text: str
     score: float
     source: str
     box: Box
     point: Point
-    def __init__(self, text: _Optional[str] = ..., score: _Optional[float] = ..., source: _Optional[str] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., point: _Optional[_Union[Point, _Mapping]] = ...) -> None: ...
+    instances: _containers.RepeatedCompositeFieldContainer[Instance]
+    def __init__(self, text: _Optional[str] = ..., score: _Optional[float] = ..., source: _Optional[str] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., point: _Optional[_Union[Point, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
 
 class HardNegative(_message.Message):
     __slots__ = ("text", "reason", "score", "source")
