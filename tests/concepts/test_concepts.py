@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.concepts import HardNegative, NounPhrase, Proposal
+from services.common.concepts import HardNegative, Instance, NounPhrase, Proposal
 from services.common.errors import InvalidInput, NotFound
 from services.common.keys import step_key
 from services.common.pb import common_pb2, concepts_pb2, concepts_pb2_grpc
@@ -62,6 +62,32 @@ def test_proposal_round_trips_through_json_bytes_and_proto():
     first, second = msg.phrases[0].instances[0], msg.phrases[1].instances[0]
     assert first.HasField("box") and not first.HasField("point") and not first.HasField("mask")
     assert list(msg.phrases[2].instances) == [] and second.point.label == 1
+
+
+def test_one_box_proposals_written_before_instances_still_read():
+    """The JSON and proto of proposals from before instances: a phrase's one box or point is its one instance."""
+    old = {"phrases": [{"text": "car", "score": 0.5, "source": "m", "box": [1, 2, 30, 40], "point": None},
+                       {"text": "wheel", "score": 1.0, "source": "m", "box": None, "point": [5.5, 6.0]},
+                       {"text": "sky", "score": 1.0, "source": "m", "box": None, "point": None}],
+           "hard_negatives": []}
+    proposal = Proposal.from_json(old)
+    car, wheel, sky = proposal.phrases
+    assert car.instances == (Instance((1, 2, 30, 40), None, 0.5, source="m"),)
+    assert wheel.instances == (Instance(None, (5.5, 6.0), 1.0, source="m"),) and sky.instances == ()
+    msg = concepts_pb2.ProposeResponse(phrases=[common_pb2.NounPhrase(
+        text="car", score=0.5, source="m", box=common_pb2.Box(x0=1, y0=2, x1=30, y1=40))])
+    assert Proposal.from_proto(msg).phrases == [car]
+
+
+def test_instances_with_masks_round_trip():
+    mask = {"size": [4, 5], "counts": [2, 2, 16]}  # uncompressed runs (column-major): stored compressed
+    phrase = NounPhrase("dog", 0.9, "sam3:dir", (Instance(mask=mask, score=0.75, source="sam3:dir"),
+                                                 Instance(box=(0, 0, 2, 2), score=0.5, source="owlv2:dir")))
+    assert isinstance(phrase.instances[0].mask["counts"], str)
+    assert phrase.instances[0].extent() == (0.0, 2.0, 1.0, 4.0)  # rows 2-3 of column 0
+    proposal = Proposal([phrase])
+    assert Proposal.from_json(json.loads(json.dumps(proposal.to_json()))) == proposal
+    assert Proposal.from_proto(proposal.to_proto()) == proposal
 
 
 def _good() -> dict:

@@ -110,3 +110,27 @@ def test_three_instances_stay_three_masks_through_every_stage_and_export(make_en
     ev = COCOeval(gt, dt, "segm")
     ev.evaluate(), ev.accumulate(), ev.summarize()
     assert ev.stats[0] == pytest.approx(1.0)  # AP at IoU .50:.95
+
+
+class Garbage:
+    """A grounding backend whose instances are wrong for the image: set ``instance`` per test."""
+
+    name = "garbage"
+    needs_pixels = False
+    instance: Instance
+
+    def propose(self, pixels, known_labels, max_positives=0, max_negatives=0) -> Proposal:
+        return Proposal([NounPhrase("dog", 0.9, self.name, (Instance(box=(4.0, 6.0, 20.0, 22.0)), self.instance))])
+
+
+@pytest.mark.parametrize("instance, reason", [
+    (Instance(mask=encode_rle(np.ones((10, 10), bool)), source="sam3:stub"),
+     "phrase 'dog' instance 1 mask from sam3:stub is 10x10 (H x W) but the image is 64x96"),
+    (Instance(box=(200.0, 200.0, 300.0, 300.0), source="owlv2:stub"), "phrase 'dog' instance 1: "),
+])
+def test_an_instance_wrong_for_the_image_fails_the_item_naming_it(make_engine, image, tmp_path, instance, reason):
+    backend = Garbage()
+    backend.instance = instance
+    engine = make_engine(concepts=backend, out=tmp_path / "out")
+    result = engine.process(image, "dogs.png", ["dog"])
+    assert result.state == "failed" and reason in result.reason, result
