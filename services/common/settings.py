@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     concepts_backend: str = "ontology"
     # "heuristic" (offline): SAM's signals x mask geometry; "openai"; "transformers"
     verifier_backend: str = "heuristic"
+    # Grounding (services/concepts/grounding.py): "" = the concepts backend's own boxes and points;
+    # "sam3", "grounding_dino", "owlv2" = every instance of each phrase from that model's local directory
+    grounding_backend: str = ""
+    grounding_model_dir: Path | None = None
+    grounding_threshold: float = Field(0.3, ge=0.0, le=1.0)  # a detection's least score
+    grounding_nms_iou: float = Field(0.5, gt=0.0, le=1.0)  # boxes of one phrase overlapping more: one
+    grounding_max_instances: int = Field(50, ge=1)  # per phrase, best first
+    grounding_vocabulary: bool = False  # also propose the known labels and taxonomy categories it finds
 
     # Model backends of the concepts and verifier services
     concepts_model_dir: Path | None = None  # transformers: a local model directory (from_pretrained)

@@ -22,6 +22,7 @@ from services.common.limits import Limits
 from services.common.settings import Settings
 from services.common.storage import ObjectStore, open_store
 from services.concepts.ontology import Taxonomy, drop_contradictions
+from services.concepts.grounding import Grounder, GroundingParams, ground_proposal, make_grounder
 from services.concepts.phrases import clean_labels, clean_proposal
 from services.embedder.types import ImageSource
 
@@ -113,6 +114,7 @@ class ConceptsCore:
         # Other backends are built on first request and kept: a model backend loads its weights once.
         self._backends: dict[str, ConceptBackend] = {default.name: default}
         self._lock = threading.Lock()
+        self._grounder: Grounder | None = None  # the settings' grounding backend, loaded on first use
 
     @classmethod
     def from_settings(cls, settings: Settings, store: ObjectStore | None = None) -> "ConceptsCore":
@@ -147,12 +149,27 @@ class ConceptsCore:
                 raise InvalidInput(f"{name} must be an integer >= 0 (0: the configured default), got {value!r}")
         labels = clean_labels(known_labels, Limits.from_settings(self.settings))
         chosen = self.backend_named(backend)
-        pixels = self._read(ImageSource.of(image), chosen.needs_pixels)
+        grounder = self.grounder()
+        pixels = self._read(ImageSource.of(image), chosen.needs_pixels or grounder is not None)
         positives = max_positives or self.settings.concepts_max_positives
         negatives = max_negatives or self.settings.concepts_max_negatives
         # Cleaned without the negatives' cap: contradictions go first, the cap counts what is left.
         cleaned = clean_proposal(chosen.propose(pixels, labels, positives, negatives), positives, 1 << 30)
-        return drop_contradictions(cleaned, labels, self.taxonomy(), negatives)
+        proposal = drop_contradictions(cleaned, labels, self.taxonomy(), negatives)
+        if grounder is None:
+            return proposal
+        vocabulary = [*labels, *self.taxonomy().categories()] if self.settings.grounding_vocabulary else []
+        return ground_proposal(grounder, GroundingParams.from_settings(self.settings), pixels, proposal,
+                               vocabulary, positives)
+
+    def grounder(self) -> Grounder | None:
+        """The settings' grounding backend (``grounding_backend``), loaded once; None without one."""
+        if self.settings.grounding_backend in ("", "none"):
+            return None
+        with self._lock:
+            if self._grounder is None:
+                self._grounder = make_grounder(self.settings.grounding_backend, self.settings)
+            return self._grounder
 
     def taxonomy(self) -> Taxonomy:
         """The taxonomy of the settings (``concepts_taxonomy``, else the shipped one), read once."""

@@ -235,6 +235,11 @@ class Taxonomy:
         """True when one is the other or an ancestor of it (a synonym names the same node)."""
         return a is b or a.name in b.ancestors or b.name in a.ancestors
 
+    def categories(self) -> list[str]:
+        """The names of its concrete categories (no abstract group), in tree order: the vocabulary
+        a grounding backend looks for."""
+        return [name for name, node in self.nodes.items() if not node.group and node is not self.root]
+
     def parse(self, text: str) -> Concept:
         """Read a phrase: the longest tail of its head (the words before a preposition) that names
         a node, attribute words in front of it, the rest modifiers. No such tail: an unknown concept."""
