@@ -15,6 +15,14 @@ from services.common.settings import Settings
 console = Console(stderr=True)  # progress, warnings and errors
 stdout = Console()  # results (tables)
 
+# Grounding options of `run` and `concepts` (services/concepts/grounding.py), one definition for both
+GROUNDING = typer.Option(None, "--grounding", help="Grounding backend: sam3, grounding_dino, owlv2 or none "
+                         "(default: DATAENGINE_GROUNDING_BACKEND; none: the concepts backend's own boxes).")
+GROUNDING_MODEL_DIR = typer.Option(None, "--grounding-model-dir", help="Local model directory of the grounding "
+                                   "backend, e.g. a download of facebook/sam3 (DATAENGINE_GROUNDING_MODEL_DIR).")
+GROUNDING_VOCABULARY = typer.Option(None, "--grounding-vocabulary/--no-grounding-vocabulary", help="Also propose "
+                                    "the known labels and taxonomy categories the grounding backend finds.")
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
 

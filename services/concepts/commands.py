@@ -11,7 +11,8 @@ from typing import Optional
 
 import typer
 
-from services.cli_common import fail, settings as make_settings
+from services.cli_common import GROUNDING, GROUNDING_MODEL_DIR, GROUNDING_VOCABULARY, fail
+from services.cli_common import settings as make_settings
 from services.common.errors import DataEngineError, InvalidInput, NotFound
 
 LABEL_HELP = ("A noun phrase known to be in the image (repeat for more); the offline backends propose "
@@ -27,6 +28,9 @@ def concepts(
                                       help="Most noun phrases (0: DATAENGINE_CONCEPTS_MAX_POSITIVES)."),
     max_negatives: int = typer.Option(0, "--max-negatives", min=0,
                                       help="Most hard negatives (0: DATAENGINE_CONCEPTS_MAX_NEGATIVES)."),
+    grounding: Optional[str] = GROUNDING,
+    grounding_model_dir: Optional[Path] = GROUNDING_MODEL_DIR,
+    grounding_vocabulary: Optional[bool] = GROUNDING_VOCABULARY,
     more_labels: Optional[list[str]] = typer.Argument(None, hidden=True, metavar="[PHRASE ...]"),
 ) -> None:
     """Propose noun phrases and hard negatives for IMAGE; prints the proposal as JSON.
@@ -43,7 +47,8 @@ def concepts(
         fail(f"{image} does not exist or is not a file")
     # Click options take one value each: the phrases after the first --labels arrive as arguments.
     label = [*label, *(more_labels or [])]
-    settings = make_settings()
+    settings = make_settings(grounding_backend=grounding, grounding_model_dir=grounding_model_dir,
+                             grounding_vocabulary=grounding_vocabulary)
     try:
         source = ImageSource(data=image.read_bytes(), filename=str(image))  # errors name the file
     except OSError as exc:

@@ -14,8 +14,8 @@ from typing import Iterator, Optional
 import typer
 from rich.table import Table
 
-from services.cli_common import (collect_images, console, fail, file_name, progress, settings as make_settings,
-                                 stdout)
+from services.cli_common import (GROUNDING, GROUNDING_MODEL_DIR, GROUNDING_VOCABULARY, collect_images, console, fail,
+                                 file_name, progress, settings as make_settings, stdout)
 from services.common.errors import DataEngineError
 from services.common.settings import Settings
 
@@ -54,6 +54,9 @@ def run(
     stage: str = typer.Option("3", "--stage", help=STAGE_HELP),
     amg_params: Optional[str] = typer.Option(None, "--amg-params",
                                              help="Grid-mask parameters as JSON, e.g. '{\"points_per_side\": 16}'."),
+    grounding: Optional[str] = GROUNDING,
+    grounding_model_dir: Optional[Path] = GROUNDING_MODEL_DIR,
+    grounding_vocabulary: Optional[bool] = GROUNDING_VOCABULARY,
 ) -> None:
     """The whole engine in one process, no servers: every image to a final state, then the exports.
 
@@ -61,7 +64,9 @@ def run(
     """
     from services.orchestrator.embedded import EmbeddedEngine
 
-    settings = make_settings(model_type=model_type, checkpoint=checkpoint, device=device, amg_params=_amg(amg_params))
+    settings = make_settings(model_type=model_type, checkpoint=checkpoint, device=device, amg_params=_amg(amg_params),
+                             grounding_backend=grounding, grounding_model_dir=grounding_model_dir,
+                             grounding_vocabulary=grounding_vocabulary)
     chosen_stage = _stage(stage)
     if not images.exists():
         fail(f"{images} does not exist")

@@ -157,3 +157,41 @@ def test_instances_found_replace_the_concepts_backends_own(local_store, monkeypa
     grounded = ground_proposal(FindsCats(), params(), pixels, proposal)
     assert [len(p.instances) for p in grounded.phrases] == [2, 0]
     assert grounded.phrases[0].source == "mllm" and grounded.phrases[0].instances[0].source == "stub:cats"
+
+
+def test_the_run_and_concepts_commands_take_the_grounding_backend(model_dirs, tmp_path, tiny_checkpoint, monkeypatch):
+    """`dataengine concepts IMAGE --grounding owlv2 --grounding-model-dir DIR` and `dataengine run ...
+    --grounding sam3 --grounding-model-dir DIR`: the instances come from that model."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from services.cli import app
+    from services.common.storage import LocalStore
+    from services.orchestrator.embedded import STORE_DIR
+    from services.orchestrator.model import Item, manifest_key
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8)).save(photos / "a.png")
+    shown = CliRunner().invoke(app, ["concepts", str(photos / "a.png"), "--label", "dog", "--grounding", "owlv2",
+                                     "--grounding-model-dir", str(model_dirs["owlv2"])])
+    assert shown.exit_code == 0, shown.output
+    [dog] = json.loads(shown.stdout)["phrases"]
+    assert dog["instances"] and {i["source"] for i in dog["instances"]} == {f"owlv2:{model_dirs['owlv2']}"}
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("DATAENGINE_GROUNDING_THRESHOLD", "0")  # random SAM 3 weights score about 0.25
+    ran = CliRunner().invoke(app, ["run", str(photos), "--out", str(out), "--model-type", "tiny", "--checkpoint",
+                                   str(tiny_checkpoint), "--label", "dog", "--stage", "2", "--grounding", "sam3",
+                                   "--grounding-model-dir", str(model_dirs["sam3"]),
+                                   "--amg-params", '{"points_per_side": 4}'])
+    assert ran.exit_code == 0, ran.output
+    [row] = json.loads((out / "report.json").read_text())["items"]
+    assert row["state"] in ("review", "rejected"), row  # stage 2: every item to a human
+    item = Item.from_json(json.loads(LocalStore(out / STORE_DIR).get(manifest_key(row["item_id"]))))
+    dog = {p.phrase: p for p in item.phrases}["dog"]
+    assert dog.masks and {m.source for m in dog.masks} == {f"sam3:{model_dirs['sam3']}"}
+    bad = CliRunner().invoke(app, ["concepts", str(photos / "a.png"), "--label", "dog", "--grounding", "yolo"])
+    assert bad.exit_code == 2 and "unknown grounding backend 'yolo'" in bad.output
