@@ -32,3 +32,4 @@ bench:
 	$(PY) bench/bench_concepts.py
 	$(PY) bench/bench_parse.py
 	$(PY) bench/bench_click.py
+	$(PY) bench/bench_instances.py
