@@ -42,6 +42,19 @@ def audit_picked(item_id: str, rate: float) -> bool:
     return draw < rate
 
 
+def stamp_sources(item: Item, sub: ReviewSubmission, name: str) -> None:
+    """Every submitted mask's ``source``, set here whatever the client sent: a model mask the
+    annotator kept as it was keeps the machine's (``sam1:...``, ``sam3:...``, matched by its RLE in
+    the phrase it was proposed for); one drawn or changed by the annotator is ``human:name``."""
+    machine = {p.phrase: {m.segmentation["counts"]: m.source for m in p.masks}
+               for p in item.phrases if not p.is_negative}
+    for p in sub.phrases:
+        made = machine.get(p.original_phrase, {}) if p.original_phrase else {}
+        for m in p.masks:
+            counts = m.mask.segmentation["counts"]
+            m.mask.source = made[counts] if m.origin == "model" and counts in made else f"human:{name}"
+
+
 def _machine_mask_scores(phrase: PhraseResult) -> dict[str, float]:
     """RLE counts -> the machine's MV score, for joining a human's decision to the mask it judged."""
     scores: dict[str, float] = {}
@@ -194,6 +207,7 @@ class ReviewDesk:
             if not (item.height and item.width):
                 raise FailedPrecondition(f"item {item.item_id} has no image size yet (not embedded)")
             sub.checked((item.height, item.width))
+            stamp_sources(item, sub, name)
             record = self._record(item, sub, name, lease, now)
             if item.band == "audit":
                 record.kind = "audit"

@@ -4,6 +4,8 @@ the Redis index, and the review RPCs over gRPC."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 
 import grpc
@@ -152,6 +154,7 @@ def test_skipping_releases_the_item(orch):
 
 def proposed_dog() -> list[PhraseResult]:
     a, b = box_mask(2, 12, 3, 20), box_mask(20, 30, 30, 50)
+    a.source = b.source = "sam1:vit_b-test"  # the decoder made them
     return [PhraseResult("dog", masks=[a, b], score=0.8, provenance="ontology", state=S.REVIEW, grounded=True,
                          verdicts=[Verdict("mask", "accept", 0.83, "heuristic", "dog", [0]),
                                    Verdict("mask", "reject", 0.31, "heuristic", "dog", [1]),
@@ -178,11 +181,14 @@ def test_a_review_keeps_the_human_phrases_and_every_mv_ev_decision(orch):
     assert stored.to_json() == done.to_json()
     puppy, wolf, cat_phrase, fox = stored.phrases  # the ungroundable phrase is no pair of the dataset
     assert [p.phrase for p in stored.phrases] == ["puppy", "wolf", "cat", "fox"]
-    assert puppy.masks == [a, drawn] and puppy.provenance == "human:ann" and puppy.exhaustive is True
+    # each mask says who made it, whatever the client sent: the decoder's kept as it was, the drawn one the human's
+    assert puppy.masks == [a, replace(drawn, source="human:ann")] and a.source == "sam1:vit_b-test"
+    assert puppy.provenance == "human:ann" and puppy.exhaustive is True
     assert [(v.check, v.choice, v.source) for v in puppy.verdicts] == [
         ("mask", "accept", "human:ann"), ("mask", "accept", "human:ann"), ("exhaustivity", "accept", "human:ann")]
     assert wolf.is_negative and not wolf.masks and wolf.verdicts[0].choice == "absent"
-    assert not cat_phrase.is_negative and cat_phrase.masks == [cat] and cat_phrase.exhaustive is False
+    assert not cat_phrase.is_negative and cat_phrase.masks == [replace(cat, source="human:ann")]
+    assert cat_phrase.exhaustive is False
     assert fox.is_negative and fox.provenance == "human:ann"
     (record,) = stored.reviews
     assert record.annotator == "ann" and record.kind == "review" and record.seconds == 42.0
