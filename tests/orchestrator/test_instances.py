@@ -76,6 +76,8 @@ def test_three_instances_stay_three_masks_through_every_stage_and_export(make_en
     mask_verdicts = [v for v in dog.verdicts if v.check == "mask"]
     assert len(mask_verdicts) == 3
     assert dog.score == pytest.approx(np.mean([v.score for v in mask_verdicts]))
+    # routing: the pair with its three masks is routed by its own score (0.9, 0.8, 0.7: the mean 0.8 -> review)
+    assert dog.score == pytest.approx(0.8) and dog.state == ItemState.REVIEW and result.masks == 5  # 3 dogs, 2 balls
 
     # exports: COCO one annotation per instance, SA-Co one pair with all its masks, SA-1B the grid
     paths = {fmt: tmp_path / "exports" / fmt for fmt in exports.FORMATS}
