@@ -31,7 +31,8 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from services.common.sam_models import load_sam, save_random_checkpoint  # noqa: E402
+from bench.models import bench_checkpoint  # noqa: E402
+from services.common.sam_models import load_sam  # noqa: E402
 from services.common.settings import Settings  # noqa: E402
 from services.orchestrator.embedded import EmbeddedEngine  # noqa: E402
 from services.orchestrator.model import Stage  # noqa: E402
@@ -154,13 +155,7 @@ def main() -> None:
     if reason:
         sys.exit(f"bench_click needs the browser: {reason}")
 
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        checkpoint = args.work_dir / f"sam_{args.model_type}_random.pth"
-        if not checkpoint.is_file():
-            print(f"building a random-weight {args.model_type} checkpoint at {checkpoint} ...", flush=True)
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            save_random_checkpoint(args.model_type, checkpoint, seed=args.seed)
+    checkpoint = bench_checkpoint(args.model_type, args.checkpoint, args.work_dir, args.seed)
     sam = load_sam(args.model_type, checkpoint, "cpu")
     settings = Settings(model_type=args.model_type, checkpoint=checkpoint, amg_params=GRID, audit_rate=0.0)
 

@@ -28,7 +28,8 @@ import torch  # noqa: E402
 
 from bench.bench_predict import store_embedding  # noqa: E402
 from services.common.concepts import Instance, NounPhrase  # noqa: E402
-from services.common.sam_models import load_sam, save_random_checkpoint  # noqa: E402
+from bench.models import bench_checkpoint  # noqa: E402
+from services.common.sam_models import load_sam  # noqa: E402
 from services.common.storage import LocalStore  # noqa: E402
 from services.decoder.core import DecoderCore  # noqa: E402
 from services.decoder.step import ground  # noqa: E402
@@ -57,10 +58,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    checkpoint = args.work_dir / f"sam_{args.model_type}_random.pth"
-    if not checkpoint.is_file():
-        print(f"building a random-weight {args.model_type} checkpoint at {checkpoint} ...", flush=True)
-        save_random_checkpoint(args.model_type, checkpoint, seed=args.seed)
+    checkpoint = bench_checkpoint(args.model_type, None, args.work_dir, args.seed)
     sam = load_sam(args.model_type, checkpoint, "cpu")
     size = (args.height, args.width)
     rng = np.random.default_rng(args.seed)

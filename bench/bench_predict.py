@@ -31,7 +31,8 @@ from services.common import keys  # noqa: E402
 from services.common.embedding import StoredEmbedding  # noqa: E402
 from services.common.grpc_server import build_server, channel_options  # noqa: E402
 from services.common.pb import common_pb2, decoder_pb2, decoder_pb2_grpc  # noqa: E402
-from services.common.sam_models import load_sam, save_random_checkpoint  # noqa: E402
+from bench.models import bench_checkpoint  # noqa: E402
+from services.common.sam_models import load_sam  # noqa: E402
 from services.common.storage import LocalStore  # noqa: E402
 from services.decoder import servicer  # noqa: E402
 from services.decoder.core import DecoderCore  # noqa: E402
@@ -89,12 +90,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        checkpoint = args.work_dir / f"sam_{args.model_type}_random.pth"
-        if not checkpoint.is_file():
-            print(f"building a random-weight {args.model_type} checkpoint at {checkpoint} ...", flush=True)
-            save_random_checkpoint(args.model_type, checkpoint, seed=args.seed)
+    checkpoint = bench_checkpoint(args.model_type, args.checkpoint, args.work_dir, args.seed)
     sam = load_sam(args.model_type, checkpoint, "cpu")
     size = (args.height, args.width)
 
