@@ -6,14 +6,18 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 from celery.signals import worker_ready
+from prometheus_client import REGISTRY
 
 from services.common.auth import TokenFile
 from services.common.grpc_server import build_server, serve_until_signal
 from services.common.logs import setup_logging
+from services.common.metrics import (MODEL_LOAD_SECONDS, EngineCollector, instrument_celery,
+                                     serve_metrics)
 from services.common.queues import SERVICES as QUEUES, create_celery
 from services.common.settings import Settings
 from services.common.steps import StepHandler, register_step_task
@@ -37,6 +41,7 @@ class ServiceParts:
     add_to_server: Callable
     register_tasks: Callable | None = None
     make_step: Callable[[object], StepHandler] | None = None
+    collector: Callable[[object], object] | None = None  # core -> a Prometheus collector of its own
 
 
 def _embedder() -> ServiceParts:
@@ -90,7 +95,8 @@ def _orchestrator() -> ServiceParts:
             settings, open_store(settings), RedisIndex(settings.broker_url), CeleryDispatcher(create_celery(settings)),
             queue_depths=lambda: queue_depths(settings.broker_url, QUEUES))
 
-    return ServiceParts(make, servicer.add_to_server, tasks.register_tasks)
+    return ServiceParts(make, servicer.add_to_server, tasks.register_tasks,
+                        collector=lambda core: EngineCollector(core.stats))
 
 
 SERVICES: dict[str, Callable[[], ServiceParts]] = {
@@ -121,11 +127,15 @@ def make_worker_app(service: str, settings: Settings):
 
     def core_factory():
         if not core:
+            started = time.perf_counter()
             core.append(parts.make_core(settings))
+            MODEL_LOAD_SECONDS.labels(service).set(time.perf_counter() - started)
         return core[0]
 
     app = create_celery(settings)
     _register(app, service, parts, core_factory, settings)
+    instrument_celery()
+    serve_metrics(settings.metrics_port, settings.host)
     return app
 
 
@@ -143,7 +153,14 @@ def run_service(service: str, settings: Settings, grpc_server: bool = True, work
     early_stop = _EarlyStop() if worker else None
     parts = SERVICES[service]()
     tokens = open_tokens(settings) if grpc_server else None
+    started = time.perf_counter()
     core = parts.make_core(settings)
+    MODEL_LOAD_SECONDS.labels(service).set(time.perf_counter() - started)
+    if parts.collector is not None:
+        REGISTRY.register(parts.collector(core))
+    serve_metrics(settings.metrics_port, settings.host)
+    if worker:
+        instrument_celery()
     server = None
     if grpc_server:
         address = f"{settings.host}:{settings.port_of(service)}"

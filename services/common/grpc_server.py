@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.auth import OPEN_PREFIXES, TokenFile, authorize, reset_principal, set_principal
 from services.common.errors import DataEngineError
+from services.common.metrics import GrpcMetrics
 from services.common.tls import PLAINTEXT, TlsFiles
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,8 @@ def build_server(add_servicers: Callable[[grpc.Server], list[str]], address: str
     ``reflection_on``: serve the reflection service (DATAENGINE_GRPC_REFLECTION).
     Returns the server and the bound port.
     """
-    interceptors = ([AuthInterceptor(tokens)] if tokens is not None else []) + [InvalidMessages()]
+    # metrics first: refusals by the others are counted too
+    interceptors = [GrpcMetrics(), *([AuthInterceptor(tokens)] if tokens is not None else []), InvalidMessages()]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
                          options=channel_options(max_message_bytes), interceptors=interceptors)
     names = add_servicers(server)

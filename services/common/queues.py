@@ -38,6 +38,10 @@ def create_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options=transport_options(settings.visibility_timeout_s),
         worker_hijack_root_logger=False,
+        # task events for Flower and `celery events`: received/started/succeeded from the workers,
+        # sent from the producers
+        worker_send_task_events=True,
+        task_send_sent_event=True,
     )
     if settings.queue_signing_key is not None:
         sign_messages(app, settings)

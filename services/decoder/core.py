@@ -26,6 +26,7 @@ from services.common import keys
 from services.common.embedding import StoredEmbedding
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound
 from services.common.masks import MaskRecord, encode_rle, sa1b_document
+from services.common.metrics import EMBEDDING_CACHE
 from services.common.pb import decoder_pb2
 from services.common.sam_models import LoadedSam
 from services.common.storage import ObjectStore
@@ -169,7 +170,9 @@ class DecoderCore:
             features = torch.from_numpy(stored.features).to(self.sam.device, torch.float32)
             return LoadedEmbedding(key, stored, features, PromptDecoder(self.sam.model, features))
 
-        return self.embeddings.get_or_load(key, load)
+        cached = self.embeddings.get(key)
+        EMBEDDING_CACHE.labels("hit" if cached is not None else "miss").inc()
+        return cached if cached is not None else self.embeddings.get_or_load(key, load)
 
     # -- Predict ----------------------------------------------------------------------------------
 
