@@ -21,8 +21,8 @@ from services.common.images import decode_image, image_size
 from services.common.limits import Limits
 from services.common.settings import Settings
 from services.common.storage import ObjectStore, open_store
-from services.concepts.ontology import Taxonomy, drop_contradictions
 from services.concepts.grounding import Grounder, GroundingParams, ground_proposal, make_grounder
+from services.concepts.ontology import Taxonomy, drop_contradictions
 from services.concepts.phrases import clean_labels, clean_proposal
 from services.embedder.types import ImageSource
 

@@ -39,7 +39,7 @@ def instance_mask(core: DecoderCore, embedding_key: str, inst: Instance, what: s
     """The instance's own mask (checked against the image's size; scored by the backend, and
     stable by construction: it is binary), else SAM's best single mask for its box and/or point."""
     if inst.mask is not None:
-        size = tuple(core.read_embedding(embedding_key).original_size)
+        size = tuple(core.load_embedding(embedding_key).stored.original_size)  # cached: no store read per mask
         return checked_mask(MaskRecord(inst.mask, [], 0, inst.score, 1.0, source=inst.source), size,
                             f"{what} mask from {inst.source or 'the grounding backend'}")
     points = np.asarray([inst.point] if inst.point is not None else np.zeros((0, 2)), dtype=np.float32)
