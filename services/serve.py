@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 from celery.signals import worker_ready
-from prometheus_client import REGISTRY
 
 from services.common.auth import TokenFile
 from services.common.grpc_server import build_server, serve_until_signal
@@ -156,9 +155,8 @@ def run_service(service: str, settings: Settings, grpc_server: bool = True, work
     started = time.perf_counter()
     core = parts.make_core(settings)
     MODEL_LOAD_SECONDS.labels(service).set(time.perf_counter() - started)
-    if parts.collector is not None:
-        REGISTRY.register(parts.collector(core))
-    serve_metrics(settings.metrics_port, settings.host)
+    serve_metrics(settings.metrics_port, settings.host,
+                  [parts.collector(core)] if parts.collector is not None else [])
     if worker:
         instrument_celery()
     server = None

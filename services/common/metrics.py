@@ -14,20 +14,27 @@ The gRPC ones are py-grpc-prometheus's, so its dashboards work unchanged:
 - ``dataengine_embedding_cache_requests_total{result="hit"|"miss"}``: the decoder's embedding cache.
 
 The orchestrator adds its view of the engine at scrape time (``EngineCollector``): items by state
-and by stage, queue depth (ready and unacknowledged), dead letters, the review backlog.
+and by stage, queue depth (ready and unacknowledged), dead letters, the review backlog and its
+oldest item's age; and counts the items it settles, the human decisions and the expired leases.
+The studio counts its annotators, submits, clicks and HTTP requests (the README's table lists all).
 
-One registry per process: the services run Celery's solo pool, so no process forks after start.
+One registry per process: the services run Celery's solo pool and the studio one uvicorn process,
+so nothing forks after start. Where something does (Celery's prefork pool, uvicorn or gunicorn
+with several workers), set ``PROMETHEUS_MULTIPROC_DIR`` to an empty folder: prometheus-client's
+multiprocess mode then writes every process's samples there and ``/metrics`` sums them.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Callable
 
 import grpc
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess,
+                               start_http_server)
 from prometheus_client.core import GaugeMetricFamily
 
 log = logging.getLogger(__name__)
@@ -48,9 +55,31 @@ TASKS = Counter("dataengine_tasks_total", "Celery tasks run by this process, by 
 TASK_SECONDS = Histogram("dataengine_task_seconds", "Run time of the Celery tasks of this process (seconds).",
                          ("service", "task", "step"), buckets=LATENCY_BUCKETS)
 MODEL_LOAD_SECONDS = Gauge("dataengine_model_load_seconds", "Time to build the service's core, its model "
-                           "load included (seconds).", ("service",))
+                           "load included (seconds).", ("service",), multiprocess_mode="max")
 EMBEDDING_CACHE = Counter("dataengine_embedding_cache_requests_total",
                           "Embedding lookups of the decoder's in-memory cache, by result.", ("result",))
+# the orchestrator's events (its scrape-time view is EngineCollector's)
+ITEMS_SETTLED = Counter("dataengine_items_settled_total", "Items the pipeline settled (accepted, review, "
+                        "rejected, failed), by state; rate() * 60: items settled per minute.", ("state",))
+REVIEWS = Counter("dataengine_reviews_total", "Human decisions submitted, by kind (review, audit) and decision "
+                  "(accept, discard).", ("kind", "decision"))
+LEASE_EXPIRIES = Counter("dataengine_lease_expiries_total", "Review leases that expired without a submit and "
+                         "were handed to the next claimant.")
+# the studio's (one per studio process)
+ACTIVE_WINDOW_S = 300.0
+STUDIO_ACTIVE = Gauge("dataengine_studio_active_annotators", "Annotators who sent a request in the last "
+                      "five minutes.", multiprocess_mode="max")
+STUDIO_SUBMITS = Counter("dataengine_studio_submits_total", "Submissions through the studio, by decision "
+                         "(accept, discard).", ("decision",))
+# a click on a warm embedding takes tens of milliseconds on a CPU; finer buckets than the RPCs'
+CLICK_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+STUDIO_CLICK_SECONDS = Histogram("dataengine_studio_click_seconds", "A click's round trip in the studio "
+                                 "server: request in to candidates out, the decoder call included (seconds).",
+                                 buckets=CLICK_BUCKETS)
+HTTP_REQUESTS = Counter("dataengine_http_requests_total", "HTTP requests to the studio, by method, route "
+                        "template and status code.", ("method", "route", "code"))
+HTTP_SECONDS = Histogram("dataengine_http_request_seconds", "Latency of the studio's HTTP requests (seconds).",
+                         ("method", "route"), buckets=LATENCY_BUCKETS)
 
 
 def _split(method: str) -> tuple[str, str]:
@@ -138,14 +167,45 @@ def instrument_celery() -> None:
 
     task_prerun.connect(before, weak=False)
     task_postrun.connect(after, weak=False)
+    if multiprocess_dir():
+        from celery.signals import worker_process_shutdown
+
+        # a prefork child's live gauges must leave the sums when it exits
+        worker_process_shutdown.connect(lambda pid=None, **_: multiprocess.mark_process_dead(pid or os.getpid()),
+                                        weak=False)
+
+
+class ActiveAnnotators:
+    """Who sent a request in the last ``window_s`` seconds; ``seen`` updates the gauge
+    ``dataengine_studio_active_annotators`` (``refresh`` before a scrape lets the idle ones go)."""
+
+    def __init__(self, window_s: float = ACTIVE_WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s, self.clock = window_s, clock
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def seen(self, name: str) -> None:
+        with self._lock:
+            self._last[name] = self.clock()
+        self.refresh()
+
+    def refresh(self) -> int:
+        now = self.clock()
+        with self._lock:
+            for name in [n for n, t in self._last.items() if now - t > self.window_s]:
+                del self._last[name]
+            count = len(self._last)
+        STUDIO_ACTIVE.set(count)
+        return count
 
 
 class EngineCollector:
-    """The orchestrator's view at scrape time, from ``stats()`` (an ``Orchestrator.stats``: its
-    ``by_state``, ``by_stage``, ``queue_depths``, ``dead_letters``, ``review_waiting``): gauges
+    """The orchestrator's view at scrape time, from ``stats()`` (an ``Orchestrator.stats``, a
+    ``Stats``: by_state, by_stage, queue_depths, dead_letters, review_waiting, review_oldest_s): gauges
     ``dataengine_items{state}``, ``dataengine_items_by_stage{stage}``,
     ``dataengine_queue_messages{queue}`` (ready plus unacknowledged), ``dataengine_dead_letters``,
-    ``dataengine_review_backlog{band}`` (unclaimed items waiting for a human, per queue band)."""
+    ``dataengine_review_backlog{band}`` (unclaimed items waiting for a human, per queue band) and
+    ``dataengine_review_backlog_oldest_seconds`` (the age of the longest-waiting one)."""
 
     def __init__(self, stats: Callable[[], object]) -> None:
         self.stats = stats
@@ -172,10 +232,32 @@ class EngineCollector:
             yield family
         yield GaugeMetricFamily("dataengine_dead_letters", "Steps given up after their retries.",
                                 value=float(stats.dead_letters))
+        yield GaugeMetricFamily("dataengine_review_backlog_oldest_seconds", "How long the longest-waiting "
+                                "unclaimed item has been in the review queue (seconds); 0 when none waits.",
+                                value=float(stats.review_oldest_s))
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
-    """``/metrics`` on ``port`` in a daemon thread (prometheus_client's own server); 0: nothing."""
+def multiprocess_dir() -> str:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+
+
+def scrape_registry(collectors=()) -> CollectorRegistry:
+    """What ``/metrics`` reads: this process's registry, or in multiprocess mode a registry over
+    every process's samples; ``collectors`` (collected at scrape time, e.g. ``EngineCollector``)
+    join it."""
+    if multiprocess_dir():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    for collector in collectors:
+        registry.register(collector)
+    return registry
+
+
+def serve_metrics(port: int, host: str = "0.0.0.0", collectors=()) -> None:
+    """``/metrics`` on ``port`` in a daemon thread (prometheus_client's own server), with
+    ``collectors`` added; 0: nothing."""
     if port:
-        start_http_server(port, addr=host, registry=REGISTRY)
+        start_http_server(port, addr=host, registry=scrape_registry(collectors))
         log.info("metrics serving", extra={"key": f"port {port}"})

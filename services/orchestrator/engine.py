@@ -27,13 +27,14 @@ from services.common.decoded import DecodeOutput
 from services.common.errors import InvalidInput, NotFound
 from services.common.limits import Limits
 from services.common.masks import MaskRecord
+from services.common.metrics import ITEMS_SETTLED
 from services.common.steps import StepReport, StepRequest
 from services.common.storage import ObjectStore, check_key
 from services.common.verdicts import Verification
 from services.common.review import ReviewSubmission
 from services.common.settings import Settings
 from services.orchestrator.index import Index, now, page
-from services.orchestrator.model import (DECODE, EMBED, PROPOSE, VERIFY, Item, ItemState, PhraseResult, Stage,
+from services.orchestrator.model import (DECODE, EMBED, PROPOSE, VERIFY, Item, ItemState, PhraseResult, Stage, Stats,
                                          item_id_for, manifest_key)
 from services.orchestrator.review import ReviewDesk, put_review_events
 from services.orchestrator.routing import Thresholds
@@ -185,6 +186,8 @@ class Orchestrator:
                 except (InvalidInput, NotFound) as exc:  # a step's output we cannot use or find
                     item.fail(f"{report.step}: {exc}")
             self.save(item)
+            if item.settled:
+                ITEMS_SETTLED.labels(item.state.name.lower()).inc()
             next_steps = self._enabled_by(item, report.step)
         for request in next_steps:
             self.dispatcher.send(request)
@@ -309,9 +312,10 @@ class Orchestrator:
         return [self.load(i) for i in ids], next_token
 
 
-    def stats(self) -> "Stats":
+    def stats(self) -> Stats:
         by_state, by_stage = self.index.counts()
-        return Stats(by_state, by_stage, self.queue_depths(), len(self.index.dead_letters()), self.desk.waiting())
+        return Stats(by_state, by_stage, self.queue_depths(), len(self.index.dead_letters()), self.desk.waiting(),
+                     round(self.desk.oldest_waiting_s(), 3))
 
     # -- humans ----------------------------------------------------------------------------------
 
@@ -322,23 +326,6 @@ class Orchestrator:
     def submit_review(self, submission: ReviewSubmission) -> Item:
         """A human's decision on an item they hold: accept with their phrases and masks, or discard."""
         return self.desk.submit(submission)
-
-
-@dataclass
-class Stats:
-    """Items per state and per stage, messages per queue (ready + unacknowledged), dead letters,
-    unclaimed review-queue items per band."""
-
-    by_state: dict[str, int]
-    by_stage: dict[str, int]
-    queue_depths: dict[str, int]
-    dead_letters: int
-    review_waiting: dict[str, int] = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {"items_by_state": self.by_state, "items_by_stage": self.by_stage,
-                "queue_depths": self.queue_depths, "dead_letters": self.dead_letters,
-                "review_waiting": self.review_waiting}
 
 
 def _need(out: dict, name: str, kind: type):

@@ -22,12 +22,14 @@ PREFIX = "dataengine:idx:"
 
 class Index(Protocol):
     """put: the item's state, stage and review-queue rank (``Item.queue_rank``). queue: the queued
-    ids, lowest rank first. claims: annotator -> {"item_id", "band", "expires_at"}, a hint of who
+    ids, lowest rank first. queued_since: the ``count`` longest-queued ids with the unix time they
+    entered the queue (``Item.queued_at``), oldest first. claims: annotator -> {"item_id", "band", "expires_at"}, a hint of who
     holds what (the manifest's lease is the truth). review events: one entry per human review or
     audit (``key`` makes re-adding one idempotent), what annotator figures are computed from."""
 
     def put(self, item: Item) -> None: ...
     def queue(self) -> list[tuple[str, float]]: ...
+    def queued_since(self, count: int) -> list[tuple[str, float]]: ...
     def set_claim(self, annotator: str, claim: dict | None) -> None: ...
     def claims(self) -> dict[str, dict]: ...
     def put_review_event(self, key: str, entry: dict) -> None: ...
@@ -54,6 +56,7 @@ class MemoryIndex:
     def __init__(self) -> None:
         self._meta: dict[str, tuple[ItemState, Stage]] = {}
         self._rank: dict[str, float] = {}
+        self._since: dict[str, float] = {}
         self._claims: dict[str, dict] = {}
         self._events: dict[str, dict] = {}
         self._dead: list[dict] = []
@@ -65,11 +68,16 @@ class MemoryIndex:
         rank = item.queue_rank
         if rank is None:
             self._rank.pop(item.item_id, None)
+            self._since.pop(item.item_id, None)
         else:
             self._rank[item.item_id] = rank
+            self._since[item.item_id] = item.queued_at
 
     def queue(self) -> list[tuple[str, float]]:
         return sorted(self._rank.items(), key=lambda kv: (kv[1], kv[0]))
+
+    def queued_since(self, count: int) -> list[tuple[str, float]]:
+        return sorted(self._since.items(), key=lambda kv: (kv[1], kv[0]))[:count]
 
     def set_claim(self, annotator: str, claim: dict | None) -> None:
         if claim is None:
@@ -114,12 +122,13 @@ class MemoryIndex:
     def clear(self) -> None:
         self._meta.clear()
         self._rank.clear()
+        self._since.clear()
 
 
 # Move an item between the state and stage sets atomically (a script runs alone on the server),
 # so counts never see an item twice, even when two writers put the same item at once.
 _PUT = """
-local id, state, stage, prefix, rank = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local id, state, stage, prefix, rank, since = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local old = redis.call('HGET', prefix .. 'meta', id)
 if old then
   local sep = string.find(old, ':', 1, true)
@@ -131,8 +140,10 @@ redis.call('SADD', prefix .. 'state:' .. state, id)
 redis.call('SADD', prefix .. 'stage:' .. stage, id)
 if rank == '' then
   redis.call('ZREM', prefix .. 'queue', id)
+  redis.call('ZREM', prefix .. 'queued_at', id)
 else
   redis.call('ZADD', prefix .. 'queue', rank, id)
+  redis.call('ZADD', prefix .. 'queued_at', since, id)
 end
 """
 
@@ -163,11 +174,15 @@ class RedisIndex:
     def put(self, item: Item) -> None:
         rank = item.queue_rank
         self._call("put", lambda: self._put(args=[item.item_id, item.state.name, item.stage.name, PREFIX,
-                                                  "" if rank is None else repr(rank)]))
+                                                  "" if rank is None else repr(rank), repr(item.queued_at)]))
 
     def queue(self) -> list[tuple[str, float]]:
         return [(i, float(r)) for i, r in self._call(
             "queue", lambda: self.redis.zrange(PREFIX + "queue", 0, -1, withscores=True))]
+
+    def queued_since(self, count: int) -> list[tuple[str, float]]:
+        return [(i, float(t)) for i, t in self._call(
+            "queued since", lambda: self.redis.zrange(PREFIX + "queued_at", 0, count - 1, withscores=True))]
 
     def set_claim(self, annotator: str, claim: dict | None) -> None:
         if claim is None:
@@ -250,7 +265,7 @@ class RedisIndex:
         review events (re-put idempotently) and locks stay."""
 
         def run():
-            keys = [PREFIX + "meta", PREFIX + "queue"] + list(self.redis.scan_iter(PREFIX + "state:*")) + list(
+            keys = [PREFIX + "meta", PREFIX + "queue", PREFIX + "queued_at"] + list(self.redis.scan_iter(PREFIX + "state:*")) + list(
                 self.redis.scan_iter(PREFIX + "stage:*"))
             self.redis.delete(*keys)
 

@@ -239,6 +239,12 @@ class Item:
         score = min(1.0, max(0.0, self.score)) if self.score is not None else 0.0
         return QUEUE_BANDS.index(band) * 2 + score
 
+    @property
+    def queued_at(self) -> float:
+        """Unix seconds since the item waits for a human: when it entered its present state (an
+        audit waits from its acceptance)."""
+        return float(self.history[-1][1]) if self.history else 0.0
+
     def to_json(self) -> dict:
         return {"item_id": self.item_id, "source": self.source, "image_key": self.image_key,
                 "image_id": self.image_id, "stage": self.stage.name, "state": self.state.name,
@@ -279,3 +285,40 @@ class Item:
             embedding_key=self.outputs.get(EMBED, ""), height=self.height, width=self.width,
             lease=lease.to_proto() if lease else None, band=self.band,
             audit_of=self.reviewer if self.band == "audit" else "", reviewer=self.reviewer)
+
+
+def _counts(d: dict[str, int]) -> list[orchestrator_pb2.CountByKey]:
+    return [orchestrator_pb2.CountByKey(key=k, count=v) for k, v in sorted(d.items())]
+
+
+@dataclass
+class Stats:
+    """The engine at a glance: items per state and per stage, messages per queue (ready +
+    unacknowledged), dead letters, unclaimed review-queue items per band, and how long the oldest
+    of them has waited (seconds; 0 when none waits)."""
+
+    by_state: dict[str, int]
+    by_stage: dict[str, int]
+    queue_depths: dict[str, int]
+    dead_letters: int
+    review_waiting: dict[str, int] = field(default_factory=dict)
+    review_oldest_s: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"items_by_state": self.by_state, "items_by_stage": self.by_stage,
+                "queue_depths": self.queue_depths, "dead_letters": self.dead_letters,
+                "review_waiting": self.review_waiting, "review_oldest_s": self.review_oldest_s}
+
+    def to_proto(self) -> orchestrator_pb2.StatsResponse:
+        return orchestrator_pb2.StatsResponse(
+            items_by_state=_counts(self.by_state), items_by_stage=_counts(self.by_stage),
+            queue_depths=_counts(self.queue_depths), dead_letters=self.dead_letters,
+            review_waiting=_counts(self.review_waiting), review_oldest_seconds=self.review_oldest_s)
+
+    @classmethod
+    def from_proto(cls, p: orchestrator_pb2.StatsResponse) -> "Stats":
+        def counts(rows) -> dict[str, int]:
+            return {c.key: c.count for c in rows}
+
+        return cls(counts(p.items_by_state), counts(p.items_by_stage), counts(p.queue_depths), p.dead_letters,
+                   counts(p.review_waiting), p.review_oldest_seconds)

@@ -19,6 +19,7 @@ from typing import Callable, Protocol
 
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.masks import MaskRecord
+from services.common.metrics import LEASE_EXPIRIES, REVIEWS
 from services.common.review import (AnnotatorFigures, Lease, ReviewRecord, ReviewSubmission,
                                     ReviewedPhrase, annotator_name, matched_iou)
 from services.common.verdicts import Verdict
@@ -144,6 +145,7 @@ class ReviewDesk:
             if name in item.skipped_by and not skipped_ok:
                 return None
             if item.lease and item.lease.annotator != name:
+                LEASE_EXPIRIES.inc()
                 log.info("lease expired: item handed over", extra={
                     "key": f"{item_id} from {item.lease.annotator} to {name}"})
             item.lease = Lease(item_id, name, secrets.token_hex(16), now, now + self.lease_s)
@@ -226,7 +228,8 @@ class ReviewDesk:
             self.items.save(item)
             self.index.set_claim(name, None)
             self.index.put_review_event(f"{item.item_id}:{len(item.reviews) - 1}", review_event(item, record))
-            return item
+        REVIEWS.labels(record.kind, "accept" if sub.accept else "discard").inc()
+        return item
 
     def _record(self, item: Item, sub: ReviewSubmission, name: str, lease: Lease, now: float) -> ReviewRecord:
         machine = {(p.phrase, p.is_negative): p for p in item.phrases}
@@ -261,6 +264,15 @@ class ReviewDesk:
             if item_id not in held:
                 counts[QUEUE_BANDS[min(len(QUEUE_BANDS) - 1, int(rank // 2))]] += 1
         return counts
+
+    def oldest_waiting_s(self) -> float:
+        """Seconds the longest-waiting unclaimed item has been in the review queue; 0 when none waits."""
+        now = self.clock()
+        held = {c["item_id"] for c in self.index.claims().values() if c["expires_at"] > now}
+        for item_id, since in self.index.queued_since(len(held) + 1):
+            if item_id not in held:
+                return max(0.0, now - since)
+        return 0.0
 
     def figures(self) -> list[AnnotatorFigures]:
         """Per annotator: reviews, masks and seconds (claim to submit), and the audits of their work."""

@@ -16,10 +16,6 @@ from services.orchestrator.model import ItemState, Stage
 SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 
 
-def _counts(d: dict[str, int]) -> list[orchestrator_pb2.CountByKey]:
-    return [orchestrator_pb2.CountByKey(key=k, count=v) for k, v in sorted(d.items())]
-
-
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(self, core: Orchestrator) -> None:
         self.core = core
@@ -54,11 +50,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
     @rpc
     def Stats(self, request, context) -> orchestrator_pb2.StatsResponse:
-        stats = self.core.stats()
-        return orchestrator_pb2.StatsResponse(
-            items_by_state=_counts(stats.by_state), items_by_stage=_counts(stats.by_stage),
-            queue_depths=_counts(stats.queue_depths), dead_letters=stats.dead_letters,
-            review_waiting=_counts(stats.review_waiting))
+        return self.core.stats().to_proto()
 
     @rpc
     def NextReview(self, request, context) -> orchestrator_pb2.Item:

@@ -21,12 +21,14 @@ from fastapi.staticfiles import StaticFiles
 
 from services.common.errors import (DataEngineError, FailedPrecondition, InvalidInput, NotFound, PermissionDenied,
                                     TransientError, Unauthenticated)
+from services.common.metrics import STUDIO_CLICK_SECONDS, STUDIO_SUBMITS, ActiveAnnotators
 from services.common.pb import orchestrator_pb2 as pb
 from services.common.auth import TokenFile
 from services.common.review import annotator_name
 from services.studio.backend import StudioBackend
 from services.studio.identity import Caller, caller_from_token, identity
 from services.studio.images import browser_image
+from services.studio.observe import add_metrics
 from services.studio.views import (LeaseBody, PredictIn, SignIn, SubmitIn, item_json, lease_json, mask_json,
                                    predict_request)
 
@@ -79,7 +81,13 @@ def create_app(backend: StudioBackend, lease_s: float, tokens: TokenFile | None 
                   description="Annotators' review queue, leases, clicks and submissions; see API.md.")
     keys = KeyCache(backend)
     app.state.lease_s = lease_s
-    annotator = identity(tokens)
+    signed_in = identity(tokens)
+    activity = ActiveAnnotators()
+    add_metrics(app, activity)
+
+    def annotator(who: Caller = Depends(signed_in)) -> Caller:
+        activity.seen(who.name)
+        return who
 
     def view(item: pb.Item) -> dict:
         return item_json(item, app.state.lease_s)
@@ -154,13 +162,16 @@ def create_app(backend: StudioBackend, lease_s: float, tokens: TokenFile | None 
         reply, parts = backend.predict(who, predict_request(item.embedding_key, body))
         candidates = [mask_json(m) for m in reply.masks]
         timings = {name: round(seconds * 1000, 2) for name, seconds in parts.items()}
-        timings["total"] = round((time.perf_counter() - start) * 1000, 2)
+        total = time.perf_counter() - start
+        STUDIO_CLICK_SECONDS.observe(total)
+        timings["total"] = round(total * 1000, 2)
         response.headers["Server-Timing"] = ", ".join(f"{k};dur={v}" for k, v in timings.items())
         return {"candidates": candidates, "logits_key": reply.logits_key, "timings_ms": timings}
 
     @app.post("/api/items/{item_id}/submit", summary="Accept (with your phrases and masks) or discard")
     def submit(item_id: str, body: SubmitIn, who: Caller = Depends(annotator)) -> dict:
         item = backend.submit(who, body.to_submission(item_id, who.name))
+        STUDIO_SUBMITS.labels(body.decision).inc()
         keys.remember(item)
         return {"item_id": item.item_id, "state": view(item)["state"],
                 "audit": item.band == "audit"}

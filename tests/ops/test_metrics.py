@@ -159,6 +159,12 @@ def test_every_service_exposes_metrics_that_move_with_the_work(broker, tiny_chec
         assert items == 5, after["orchestrator"].get("dataengine_items")
         assert {s.labels["queue"] for s in after["orchestrator"]["dataengine_queue_messages"]} == set(SERVICES)
         assert "dataengine_dead_letters" in after["orchestrator"]
+        settled = sum(moved("orchestrator", "dataengine_items_settled_total", state=state)
+                      for state in ("accepted", "review", "rejected", "failed"))
+        assert settled == 2
+        waiting = value(after["orchestrator"], "dataengine_review_backlog")
+        oldest = value(after["orchestrator"], "dataengine_review_backlog_oldest_seconds")
+        assert (oldest > 0) == (waiting > 0), (waiting, oldest)  # the first three have waited since they settled
     finally:
         for proc in procs.values():
             stop_process(proc, timeout=30)

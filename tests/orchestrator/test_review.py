@@ -357,3 +357,32 @@ def test_stage1_items_are_reviewed_over_grpc_with_leases(engine, stub):
     assert reply.items == 1 and [i["item_id"] for i in coco["images"]] == [first.item_id]
     (annotation,) = coco["annotations"]
     assert annotation["area"] == int(drawn.sum()) and annotation["bbox"] == [10.0, 5.0, 20.0, 10.0]
+
+
+def test_the_backlog_knows_how_long_its_oldest_unclaimed_item_has_waited(orch):
+    now = orch.desk.clock.now
+    assert orch.desk.oldest_waiting_s() == 0.0  # nothing waits
+    ids = []
+    for n, (state, score, waited) in enumerate([(S.REVIEW, 0.8, 3600.0), (S.REJECTED, 0.3, 7200.0),
+                                                (S.REVIEW, 0.75, 60.0), (S.ACCEPTED, 0.95, 99999.0)]):
+        item = Item(item_id=f"{n:024x}", source=f"im{n}.png", image_key=f"images/{n}", image_id=str(n),
+                    stage=G.SEMI_AUTOMATIC, height=H, width=W, score=score, state=state,
+                    history=[["PENDING", now - waited - 10], [state.name, now - waited]])
+        orch.save(item)
+        ids.append(item.item_id)
+    assert orch.desk.oldest_waiting_s() == 7200.0  # the accepted one is not waiting for anybody
+    assert orch.stats().review_oldest_s == 7200.0
+    assert orch.stats().to_json()["review_oldest_s"] == 7200.0
+    first = take(orch, "ann")  # the review band goes first: the 0.75 one
+    assert first.item_id == ids[2] and orch.desk.oldest_waiting_s() == 7200.0
+    fix = take(orch, "bob")
+    assert fix.item_id == ids[0]  # then 0.8; the rejected one still waits
+    orch.submit_review(sub(fix, "bob", accept=False))
+    assert orch.desk.oldest_waiting_s() == 7200.0
+    third = take(orch, "cy")
+    assert third.item_id == ids[1]
+    assert orch.desk.oldest_waiting_s() == 0.0  # all three held or settled
+    orch.desk.clock.now += 61.0  # ann's and cy's leases (60 s) expire: their items wait again
+    assert orch.desk.oldest_waiting_s() == 7261.0
+    orch.rebuild_index()  # as `dataengine reconcile` after Redis lost its data
+    assert orch.desk.oldest_waiting_s() == 7261.0

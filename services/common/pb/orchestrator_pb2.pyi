@@ -134,18 +134,20 @@ class CountByKey(_message.Message):
     def __init__(self, key: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("items_by_state", "items_by_stage", "queue_depths", "dead_letters", "review_waiting")
+    __slots__ = ("items_by_state", "items_by_stage", "queue_depths", "dead_letters", "review_waiting", "review_oldest_seconds")
     ITEMS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
     ITEMS_BY_STAGE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTHS_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
     REVIEW_WAITING_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_OLDEST_SECONDS_FIELD_NUMBER: _ClassVar[int]
     items_by_state: _containers.RepeatedCompositeFieldContainer[CountByKey]
     items_by_stage: _containers.RepeatedCompositeFieldContainer[CountByKey]
     queue_depths: _containers.RepeatedCompositeFieldContainer[CountByKey]
     dead_letters: int
     review_waiting: _containers.RepeatedCompositeFieldContainer[CountByKey]
-    def __init__(self, items_by_state: _Optional[_Iterable[_Union[CountByKey, _Mapping]]] = ..., items_by_stage: _Optional[_Iterable[_Union[CountByKey, _Mapping]]] = ..., queue_depths: _Optional[_Iterable[_Union[CountByKey, _Mapping]]] = ..., dead_letters: _Optional[int] = ..., review_waiting: _Optional[_Iterable[_Union[CountByKey, _Mapping]]] = ...) -> None: ...
+    review_oldest_seconds: float
+    def __init__(self, items_by_state: _Optional[_Iterable[_Union[CountByKey, _Mapping]]] = ..., items_by_stage: _Optional[_Iterable[_Union[CountByKey, _Mapping]]] = ..., queue_depths: _Optional[_Iterable[_Union[CountByKey, _Mapping]]] = ..., dead_letters: _Optional[int] = ..., review_waiting: _Optional[_Iterable[_Union[CountByKey, _Mapping]]] = ..., review_oldest_seconds: _Optional[float] = ...) -> None: ...
 
 class NextReviewRequest(_message.Message):
     __slots__ = ("annotator", "stage")
