@@ -228,27 +228,41 @@ def submit(
 def status(
     address: Optional[str] = typer.Option(None, "--address", help="Orchestrator host:port."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="A live view, refreshed until Ctrl-C."),
+    interval: float = typer.Option(2.0, "--interval", min=0.1, help="Seconds between refreshes of --watch."),
+    count: int = typer.Option(0, "--count", min=0, help="With --watch: stop after this many refreshes (0: never)."),
 ) -> None:
     """Items per state and stage, queue depths (ready + unacknowledged), dead letters, the review
-    queue and the annotators' figures (items/hour, masks/hour, seconds per mask, audit agreement)."""
+    queue and its oldest item's age, and the annotators' figures (items/hour, masks/hour, seconds
+    per mask, audit agreement); ``--watch`` keeps it live with items settled per minute."""
     from services.common.pb import orchestrator_pb2, orchestrator_pb2_grpc
     from services.common.review import AnnotatorFigures
+    from services.orchestrator.model import Stats
+    from services.status_view import watch as watch_view
 
-    stub = orchestrator_pb2_grpc.OrchestratorStub(_channel(make_settings(), address))
-    reply = _call(stub.Stats, orchestrator_pb2.StatsRequest())
-    figures = _call(stub.AnnotatorStats, orchestrator_pb2.AnnotatorStatsRequest())
-    stats = {"items_by_state": {c.key: c.count for c in reply.items_by_state},
-             "items_by_stage": {c.key: c.count for c in reply.items_by_stage},
-             "queue_depths": {c.key: c.count for c in reply.queue_depths}, "dead_letters": reply.dead_letters,
-             "review_waiting": {c.key: c.count for c in reply.review_waiting},
-             "annotators": [AnnotatorFigures.from_proto(f).to_json() for f in figures.annotators]}
-    if as_json:
-        typer.echo(json.dumps(stats))
+    settings = make_settings()
+    stub = orchestrator_pb2_grpc.OrchestratorStub(_channel(settings, address))
+
+    def fetch() -> Stats:
+        return Stats.from_proto(_call(stub.Stats, orchestrator_pb2.StatsRequest()))
+
+    if watch:
+        if as_json:
+            fail("--watch and --json do not go together: poll `status --json` from a script instead")
+        watch_view(fetch, address or f"localhost:{settings.orchestrator_port}", stdout, interval, count)
         return
-    for title in ("items_by_state", "items_by_stage", "queue_depths", "review_waiting"):
-        _table(title.replace("_", " "), stats[title])
-    typer.echo(f"dead letters: {reply.dead_letters}")
-    _annotators(stats["annotators"])
+    stats = fetch()
+    figures = _call(stub.AnnotatorStats, orchestrator_pb2.AnnotatorStatsRequest())
+    annotators = [AnnotatorFigures.from_proto(f).to_json() for f in figures.annotators]
+    if as_json:
+        typer.echo(json.dumps({**stats.to_json(), "annotators": annotators}))
+        return
+    for title, counts in (("items by state", stats.by_state), ("items by stage", stats.by_stage),
+                          ("queue depths", stats.queue_depths), ("review waiting", stats.review_waiting)):
+        _table(title, counts)
+    typer.echo(f"dead letters: {stats.dead_letters}")
+    typer.echo(f"oldest unclaimed review item waiting: {stats.review_oldest_s:.0f} s")
+    _annotators(annotators)
 
 
 def _annotators(rows: list[dict]) -> None:

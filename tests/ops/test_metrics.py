@@ -168,3 +168,36 @@ def test_every_service_exposes_metrics_that_move_with_the_work(broker, tiny_chec
     finally:
         for proc in procs.values():
             stop_process(proc, timeout=30)
+
+
+MULTIPROCESS = """
+import multiprocessing, sys
+from prometheus_client import generate_latest
+from services.common import metrics
+
+def work(n):
+    for _ in range(n):
+        metrics.REVIEWS.labels("review", "accept").inc()
+    metrics.MODEL_LOAD_SECONDS.labels("decoder").set(n)
+
+if __name__ == "__main__":
+    children = [multiprocessing.get_context("fork").Process(target=work, args=(n,)) for n in (2, 3)]
+    for c in children:
+        c.start()
+    for c in children:
+        c.join()
+    sys.stdout.write(generate_latest(metrics.scrape_registry()).decode())
+"""
+
+
+def test_the_multiprocess_mode_sums_what_forked_workers_counted(tmp_path):
+    script = tmp_path / "forks.py"
+    script.write_text(MULTIPROCESS)
+    (tmp_path / "prom").mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"), "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(out.stdout) for s in f.samples}
+    assert samples[("dataengine_reviews_total", (("decision", "accept"), ("kind", "review")))] == 5
+    assert samples[("dataengine_model_load_seconds", (("service", "decoder"),))] == 3  # the slowest load
