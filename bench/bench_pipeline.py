@@ -32,6 +32,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a clone without `pip install -e .`
@@ -49,7 +50,7 @@ from services.orchestrator.engine import Submission  # noqa: E402
 from services.orchestrator.index import PREFIX  # noqa: E402
 from services.orchestrator.model import DECODE, EMBED, PROPOSE, SETTLED, VERIFY  # noqa: E402
 from services.serve import SERVICES  # noqa: E402
-from tests.servers import redis_server, start_celery_worker, stop_worker  # noqa: E402
+from tests.servers import free_port, redis_server, start_celery_worker, stop_worker  # noqa: E402
 
 GRID = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
 SETTLED_NAMES = {s.name for s in SETTLED}
@@ -89,7 +90,10 @@ def overhead_ms(item) -> float:
     return 1000 * ((item.history[-1][1] - item.history[0][1]) - critical)
 
 
-def distributed(workers: int, n_images: int, latency_items: int, checkpoint: Path, tmp: Path) -> dict:
+def distributed(workers: int, n_images: int, latency_items: int, checkpoint: Path, tmp: Path,
+                metrics: bool = False, on_start: Callable[[list[int]], None] | None = None) -> dict:
+    """One configuration. ``metrics``: every worker serves /metrics on a port of its own (and
+    counts its tasks); ``on_start`` gets those ports once the workers run (bench_metrics scrapes them)."""
     with ExitStack() as stack:
         (tmp / f"redis-{workers}").mkdir()
         broker = stack.enter_context(redis_server(tmp / f"redis-{workers}"))
@@ -100,11 +104,14 @@ def distributed(workers: int, n_images: int, latency_items: int, checkpoint: Pat
                "DATAENGINE_LOG_LEVEL": "WARNING"}
         settings = Settings(store="local", store_root=tmp / f"store-{workers}", broker_url=broker,
                             amg_params=GRID)
-        procs, orchestrators = [], []
+        procs, orchestrators, ports = [], [], []
         for service in ("embedder", "concepts", "decoder", "verifier", "orchestrator"):
             for w in range(workers):
                 log = stack.enter_context(open(tmp / f"{service}-{workers}-{w}.log", "wb"))
-                procs.append(start_celery_worker(service, env, log, "WARNING"))
+                if metrics:
+                    ports.append(free_port())
+                worker_env = {**env, "DATAENGINE_METRICS_PORT": str(ports[-1] if metrics else 0)}
+                procs.append(start_celery_worker(service, worker_env, log, "WARNING"))
                 if service == "orchestrator":
                     orchestrators.append(procs[-1])
         stack.callback(lambda: [stop_worker(p) for p in procs])
@@ -113,6 +120,8 @@ def distributed(workers: int, n_images: int, latency_items: int, checkpoint: Pat
         # warm-up: every worker loads its model and connects
         warm = orchestrator.submit([Submission(data=d, source=s) for s, d in images(2 * workers, 1)])
         wait_settled(client, warm, timeout=300)
+        if on_start is not None:
+            on_start(ports)
 
         overheads, latencies = [], []
         for source, data in images(latency_items, 2):
@@ -135,8 +144,11 @@ def distributed(workers: int, n_images: int, latency_items: int, checkpoint: Pat
             states[state] = states.get(state, 0) + 1
         orch_ms = 1000 * sum(cpu_used[p.pid] for p in orchestrators) / n_images
         q = statistics.quantiles(overheads, n=10)
+        half = len(overheads) // 2  # the same configuration differing from itself
+        noise = abs(statistics.median(overheads[:half]) - statistics.median(overheads[half:])) if half else 0.0
         return {"mode": "distributed", "workers_per_service": workers, "processes": 5 * workers,
                 "overhead_ms_p50": round(statistics.median(overheads), 2), "overhead_ms_p90": round(q[-1], 2),
+                "overhead_noise_ms": round(noise, 2),
                 "latency_ms_p50": round(statistics.median(latencies), 1),
                 "orchestrator_cpu_ms_per_item": round(orch_ms, 2),
                 "items": n_images,

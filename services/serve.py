@@ -133,7 +133,8 @@ def make_worker_app(service: str, settings: Settings):
 
     app = create_celery(settings)
     _register(app, service, parts, core_factory, settings)
-    instrument_celery()
+    if settings.metrics_port:
+        instrument_celery()
     serve_metrics(settings.metrics_port, settings.host)
     return app
 
@@ -157,14 +158,15 @@ def run_service(service: str, settings: Settings, grpc_server: bool = True, work
     MODEL_LOAD_SECONDS.labels(service).set(time.perf_counter() - started)
     serve_metrics(settings.metrics_port, settings.host,
                   [parts.collector(core)] if parts.collector is not None else [])
-    if worker:
+    if worker and settings.metrics_port:
         instrument_celery()
     server = None
     if grpc_server:
         address = f"{settings.host}:{settings.port_of(service)}"
         server, port = build_server(lambda s: parts.add_to_server(s, core), address,
                                     settings.max_message_bytes, settings.grpc_workers, tokens,
-                                    TlsFiles.from_settings(settings), settings.grpc_reflection)
+                                    TlsFiles.from_settings(settings), settings.grpc_reflection,
+                                    metrics=settings.metrics_port > 0)
         log.info("gRPC serving", extra={"service": service, "key": f"port {port}"})
     if not worker:
         serve_until_signal(server, settings.shutdown_grace_s)

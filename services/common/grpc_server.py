@@ -149,17 +149,20 @@ def rpc(method: Callable) -> Callable:
 
 def build_server(add_servicers: Callable[[grpc.Server], list[str]], address: str,
                  max_message_bytes: int, workers: int = 4, tokens: TokenFile | None = None,
-                 tls: TlsFiles = PLAINTEXT, reflection_on: bool = True) -> tuple[grpc.Server, int]:
+                 tls: TlsFiles = PLAINTEXT, reflection_on: bool = True,
+                 metrics: bool = True) -> tuple[grpc.Server, int]:
     """A started-ready server on ``address`` ("host:port"; port 0 picks one).
 
     ``add_servicers`` registers the service's servicers and returns their full names
     (e.g. ``"dataengine.v1.Embedder"``). ``tokens``: who may call what (None: anyone, everything).
     ``tls``: the port speaks only TLS when it has a certificate (plaintext otherwise).
-    ``reflection_on``: serve the reflection service (DATAENGINE_GRPC_REFLECTION).
+    ``reflection_on``: serve the reflection service (DATAENGINE_GRPC_REFLECTION). ``metrics``: count
+    and time every RPC (``GrpcMetrics``; off where nothing serves /metrics).
     Returns the server and the bound port.
     """
     # metrics first: refusals by the others are counted too
-    interceptors = [GrpcMetrics(), *([AuthInterceptor(tokens)] if tokens is not None else []), InvalidMessages()]
+    interceptors = [*([GrpcMetrics()] if metrics else []), *([AuthInterceptor(tokens)] if tokens is not None else []),
+                    InvalidMessages()]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
                          options=channel_options(max_message_bytes), interceptors=interceptors)
     names = add_servicers(server)

@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     concepts_port: int = 50053
     verifier_port: int = 50054
     orchestrator_port: int = 50055
-    metrics_port: int = 0  # 0: no Prometheus endpoint
+    metrics_port: int = 0  # 0: no Prometheus endpoint and no gRPC or task metrics counted
     grpc_workers: int = Field(4, ge=1)
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
