@@ -339,7 +339,8 @@ def test_cli_status_reports_items_queues_and_dead_letters(engine, server, broker
     assert json.loads(result.stdout) == {
         "items_by_state": {"ingested": 2}, "items_by_stage": {"assisted_manual": 1, "fully_automatic": 1},
         "queue_depths": {"decoder": 0, "embedder": 2}, "dead_letters": 1,
-        "review_waiting": {"review": 0, "fix": 0, "audit": 0, "stage1": 0}, "annotators": []}
+        "review_waiting": {"review": 0, "fix": 0, "audit": 0, "stage1": 0}, "review_oldest_s": 0.0,
+        "annotators": []}
 
     tables = runner.invoke(cli_app, ["status", "--address", address])
     assert tables.exit_code == 0, tables.output
