@@ -65,7 +65,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalStore(Path(tmp) / "bucket")
-        key = store_embedding(store, sam.model_id, size, args.seed)
+        key = store_embedding(store, sam.encoder_id, size, args.seed)
         decoder, verifier = DecoderCore(sam, store, cache_size=4), VerifierCore("heuristic")
         ground(decoder, key, phrase_with(2, size, rng))  # warm-up: the embedding read and cached
         for n in args.counts:

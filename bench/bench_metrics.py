@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import threading
@@ -52,7 +51,7 @@ def predict(requests: int, warmup: int, work_dir: Path) -> dict:
     size = (1500, 2250)
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalStore(Path(tmp) / "bucket")
-        key = store_embedding(store, sam.model_id, size, 0)
+        key = store_embedding(store, sam.encoder_id, size, 0)
         core = DecoderCore(sam, store, cache_size=4)
         stubs, servers = {}, []
         for name, on in (("with", True), ("without", False)):

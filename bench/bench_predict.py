@@ -96,7 +96,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalStore(Path(tmp) / "bucket")
-        key = store_embedding(store, sam.model_id, size, args.seed)
+        key = store_embedding(store, sam.encoder_id, size, args.seed)
         core = DecoderCore(sam, store, cache_size=4)
         steps_log: list[dict] = []
         timed(core, steps_log)

@@ -80,8 +80,8 @@ def embedded_backend(settings: Settings, out_dir: Path, sam: LoadedSam | None = 
     orchestrator.rebuild_index()  # unfinished items stay as they are: `dataengine run` finishes them
     for item_id, _ in orchestrator.index.queue()[:1]:
         key = orchestrator.load(item_id).outputs.get("embed", "")
-        if key and not key.startswith(f"embeddings/{decoder.model_id}/"):
+        if key and not key.startswith(f"embeddings/{decoder.encoder_id}/"):
             raise FailedPrecondition(
                 f"the items in {out_dir} were embedded by {key.split('/')[1]}, not by the model given "
-                f"({decoder.model_id}): pass the --model-type and --checkpoint of the run")
+                f"({decoder.encoder_id}): pass the --model-type and --checkpoint of the run")
     return InProcessBackend(orchestrator, decoder)

@@ -17,6 +17,7 @@ from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncod
                                        TwoWayTransformer)
 
 from services.common.errors import FailedPrecondition, InvalidInput
+from services.common.model_card import read_card
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,18 @@ def file_sha256(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
 
 @dataclass
 class LoadedSam:
-    """A SAM on its device, in eval mode, and the id that stored embeddings carry."""
+    """A SAM on its device, in eval mode, and its two ids ("<type>-<12 hex of a sha256>").
+
+    decoder_id: this checkpoint's own (its file's SHA-256): masks and logits are keyed by it.
+    encoder_id: the image encoder's: embeddings are keyed and checked by it. An official (or any
+        card-less) checkpoint's is its own; a decoder fine-tuned on a frozen encoder carries its
+        base's in its model card, so the embeddings the base stored stay valid.
+    """
 
     model: Sam
     model_type: str
-    model_id: str  # "<type>-<first 12 hex of the checkpoint's sha256>"
+    encoder_id: str
+    decoder_id: str
     device: torch.device
 
 
@@ -117,8 +125,12 @@ def load_sam(model_type: str, checkpoint: Path | str, device: str = "cpu") -> Lo
     except Exception as exc:
         raise FailedPrecondition(f"{path} is not a {model_type} SAM checkpoint: {exc}") from exc
     model.to(dev).eval()
-    return LoadedSam(model=model, model_type=model_type,
-                     model_id=f"{model_type}-{file_sha256(path)[:12]}", device=dev)
+    sha = file_sha256(path)
+    own = f"{model_type}-{sha[:12]}"
+    card = read_card(path)
+    # A card counts only for the very file it describes (not one copied beside another checkpoint).
+    encoder = card.encoder_id if card and card.checkpoint_sha256 == sha and card.model_type == model_type else own
+    return LoadedSam(model=model, model_type=model_type, encoder_id=encoder, decoder_id=own, device=dev)
 
 
 def save_random_checkpoint(model_type: str, path: Path, seed: int = 0) -> Path:

@@ -138,13 +138,19 @@ class DecoderCore:
         self._pending_lock = threading.Lock()
 
     @property
-    def model_id(self) -> str:
-        return self.sam.model_id
+    def encoder_id(self) -> str:
+        """The id of the image encoder whose embeddings this decoder reads."""
+        return self.sam.encoder_id
+
+    @property
+    def decoder_id(self) -> str:
+        """This decoder's own id: its masks and logits are keyed by it."""
+        return self.sam.decoder_id
 
     # -- embeddings -------------------------------------------------------------------------------
 
     def read_embedding(self, key: str) -> StoredEmbedding:
-        """The stored embedding at ``key``; NotFound if absent, FailedPrecondition if from another model."""
+        """The stored embedding at ``key``; NotFound if absent, FailedPrecondition if from another encoder."""
         if not key:
             raise InvalidInput("embedding_key is empty")
         try:
@@ -152,14 +158,14 @@ class DecoderCore:
         except NotFound:
             raise NotFound(f"embedding {key!r} not found; call Embed for the image first") from None
         stored = StoredEmbedding.from_bytes(data, key=f"embedding {key!r}")
-        if stored.model_id != self.model_id:
+        if stored.model_id != self.encoder_id:
             raise FailedPrecondition(
-                f"embedding {key!r} was computed by model {stored.model_id!r} but this decoder runs "
-                f"{self.model_id!r}; embed the image with {self.model_id!r}")
+                f"embedding {key!r} was computed by model {stored.model_id!r} but this decoder reads "
+                f"the encoder {self.encoder_id!r}; embed the image with {self.encoder_id!r}")
         channels = self.sam.model.prompt_encoder.embed_dim
         if stored.features.shape[1] != channels:
             raise FailedPrecondition(f"embedding {key!r} has {stored.features.shape[1]} channels, "
-                                     f"model {self.model_id!r} expects {channels}")
+                                     f"model {self.decoder_id!r} expects {channels}")
         return stored
 
     def load_embedding(self, key: str) -> LoadedEmbedding:
@@ -219,7 +225,7 @@ class DecoderCore:
             clock.lap("upscale")
             records.append(mask_record(logits, iou[i], threshold, points_list, stored.crop_box))
             clock.lap("masks")
-        key = keys.logits_key(self.model_id, stored.image_id, prompt.digest())
+        key = keys.logits_key(self.decoder_id, stored.image_id, prompt.digest())
         self._save_logits(key, low_res)
         clock.lap("logits")
         return PredictResult(records, key)
@@ -246,7 +252,7 @@ class DecoderCore:
 
     def _read_logits(self, key: str, stored: StoredEmbedding) -> np.ndarray:
         """Cx256x256 float32 logits of an earlier Predict on the same model and image."""
-        prefix = f"logits/{self.model_id}/{stored.image_id}/"
+        prefix = f"logits/{self.decoder_id}/{stored.image_id}/"
         if not key.startswith(prefix):
             raise InvalidInput(f"mask_input_key {key!r} is not a logits key of this image and model "
                                f"(expected it to start with {prefix!r})")
@@ -285,7 +291,7 @@ class DecoderCore:
             if box == (0, 0, w, h):
                 embeddings[box] = full
                 continue
-            key = keys.embedding_key(self.model_id, full.image_id, box)
+            key = keys.embedding_key(self.encoder_id, full.image_id, box)
             try:
                 embeddings[box] = self.read_embedding(key)
             except NotFound:
@@ -294,7 +300,7 @@ class DecoderCore:
                     f"crop_n_layers={params.crop_n_layers} and crop_overlap_ratio={params.crop_overlap_ratio}"
                 ) from None
         records = amg.generate(self.sam.model, embeddings, full.original_size, params)
-        masks_key = keys.masks_key(self.model_id, full.image_id, params.digest())
+        masks_key = keys.masks_key(self.decoder_id, full.image_id, params.digest())
         document = sa1b_document(full.image_id, full.original_size, records)
         self.store.put(masks_key, json.dumps(document).encode(), content_type="application/json")
         return GenerateResult(full.image_id, records, masks_key)

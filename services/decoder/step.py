@@ -51,7 +51,7 @@ def instance_mask(core: DecoderCore, embedding_key: str, inst: Instance, what: s
         best = core.predict(prompt).masks[0]
     except InvalidInput as exc:
         raise InvalidInput(f"{what}: {exc}") from None
-    return replace(best, source=f"sam1:{core.model_id}")
+    return replace(best, source=f"sam1:{core.decoder_id}")
 
 
 def make_handler(core: DecoderCore, store: ObjectStore) -> StepHandler:

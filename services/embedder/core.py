@@ -64,7 +64,8 @@ class EmbedderCore:
 
     @property
     def model_id(self) -> str:
-        return self.sam.model_id
+        """The encoder id every embedding of this core carries (``LoadedSam.encoder_id``)."""
+        return self.sam.encoder_id
 
     # -- pure computation ---------------------------------------------------------------------
 

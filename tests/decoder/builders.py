@@ -32,7 +32,7 @@ def embed(sam: LoadedSam, pixels: np.ndarray, image_id: str,
     predictor = SamPredictor(sam.model)
     predictor.set_image(pixels[y0:y1, x0:x1])
     return StoredEmbedding(features=predictor.features.cpu().numpy().astype(np.float16),
-                           model_id=model_id or sam.model_id, image_id=image_id,
+                           model_id=model_id or sam.encoder_id, image_id=image_id,
                            original_size=tuple(predictor.original_size), input_size=tuple(predictor.input_size),
                            crop_box=tuple(crop_box))
 

@@ -75,7 +75,7 @@ def region_embedding(sam, labels: np.ndarray, box) -> StoredEmbedding:
     cells = F.pad(F.interpolate(crop, (ih, iw), mode="nearest"), (0, 1024 - iw, 0, 1024 - ih))
     cells = F.interpolate(cells, (64, 64), mode="nearest")[0, 0].long().numpy()
     features = codebook[cells].transpose(2, 0, 1)[None].astype(np.float16)
-    return StoredEmbedding(features, sam.model_id, "img", (y1 - y0, x1 - x0), (ih, iw), tuple(box))
+    return StoredEmbedding(features, sam.encoder_id, "img", (y1 - y0, x1 - x0), (ih, iw), tuple(box))
 
 
 def embeddings_for(sam, labels, params: AmgParams) -> dict:

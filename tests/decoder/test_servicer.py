@@ -39,12 +39,12 @@ def env(tiny_checkpoint, tmp_path_factory):
     keys = {"full": put(store, full),
             "foreign": put(store, embed(sam, pixels, "img1", model_id="vit_b-0123456789ab")),
             "crop": put(store, embed(sam, pixels, "img1", crop_box=(32, 16, 96, 64))),
-            "missing_logits": f"logits/{sam.model_id}/img1/{'0' * 32}.npy"}
+            "missing_logits": f"logits/{sam.decoder_id}/img1/{'0' * 32}.npy"}
     core = DecoderCore(sam, store, cache_size=8)
     # The client may send more than the server accepts, to see the server's limit answer.
     with grpc_loopback(lambda s: servicer.add_to_server(s, core), LIMIT, client_max_bytes=8 * LIMIT) as (channel, _):
         yield {"stub": decoder_pb2_grpc.DecoderStub(channel), "channel": channel, "keys": keys, "store": store,
-               "model_id": sam.model_id, "sam": sam, "pixels": pixels, "full": full}
+               "model_id": sam.encoder_id, "sam": sam, "pixels": pixels, "full": full}
     core.close()
 
 

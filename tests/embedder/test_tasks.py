@@ -39,7 +39,7 @@ def test_outcomes_on_an_in_process_worker(broker, tiny_sam, local_store):
         (image_id,) = good.outputs["image_ids"]
         (embedding_keys,) = good.outputs["embedding_keys"]
         assert len(embedding_keys) == 5 and embedding_keys[0] == keys.embedding_key(
-            tiny_sam.model_id, image_id, (0, 0, 40, 24))
+            tiny_sam.encoder_id, image_id, (0, 0, 40, 24))
         assert StoredEmbedding.from_bytes(local_store.get(embedding_keys[0])).original_size == (24, 40)
 
         # each bad message -> failure outcome with reason and gRPC code name; no retry, no crash
