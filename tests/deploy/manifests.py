@@ -4,6 +4,7 @@ an environment variable name is a real ``Settings`` field."""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -16,12 +17,18 @@ from services.common.settings import Settings
 STUDIO = "studio"
 DEPLOYED = (*SERVICES, STUDIO)
 HEALTHZ = "/healthz"
+# Celery's monitoring UI: its official image next to the services, on the services' broker
+FLOWER = "flower"
+FLOWER_PORT = 5555
+METRICS_PATH = "/metrics"  # every service's, the studio's and Flower's
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE = DEPLOY / "compose.yaml"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+MONITORING = DEPLOY / "monitoring"
+PROMETHEUS_SCALING = DEPLOY / "k8s-prometheus-scaling"
 PREFIX = "DATAENGINE_"
 
 
@@ -49,6 +56,12 @@ def k8s_by_kind(kind: str) -> dict[str, dict]:
 
 def kustomization() -> dict:
     return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def kustomize(path: Path) -> list[dict]:
+    """``kubectl kustomize path``: the objects it renders (the caller skips without kubectl)."""
+    out = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, check=True)
+    return [o for o in yaml.safe_load_all(out.stdout) if o]
 
 
 def configmap_env() -> dict[str, str]:

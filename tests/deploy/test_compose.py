@@ -1,17 +1,21 @@
 """deploy/compose.yaml: every engine service gets real settings, its own port, a gRPC health check
 on that port, and the Redis and MinIO the file itself starts; the studio an HTTP check on /healthz
-and the addresses of the orchestrator and decoder the file starts."""
+and the addresses of the orchestrator and decoder the file starts; Flower reads the services'
+broker, and Prometheus scrapes every service where it serves /metrics."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+import yaml
 
 from services.common.queues import SERVICES
 from services.common.settings import Settings
-from tests.deploy.manifests import DEPLOYED, HEALTHZ, STUDIO, compose, interpolate, settings_field
+from tests.deploy.manifests import (DEPLOY, DEPLOYED, FLOWER, FLOWER_PORT, HEALTHZ, METRICS_PATH, STUDIO, compose,
+                                    interpolate, settings_field)
 
 HEALTH_SCRIPT = "/opt/dataengine/healthcheck.py"  # where the Dockerfile puts it
 
@@ -28,7 +32,7 @@ def engine_settings(service: str, monkeypatch) -> Settings:
 
 def test_compose_has_infrastructure_and_every_service():
     services = compose()["services"]
-    assert {"redis", "minio", "minio-init", *DEPLOYED} <= services.keys()
+    assert {"redis", "minio", "minio-init", *DEPLOYED, FLOWER, "prometheus"} <= services.keys()
     assert services["minio"]["image"].startswith("minio/minio:")
     assert "--console-address" in services["minio"]["command"]
     assert services["minio-init"]["image"].startswith("minio/mc:")
@@ -127,3 +131,65 @@ def test_review_settings_are_the_defaults_for_orchestrator_and_studio(field, def
         env = engine_env(service)
         assert f"DATAENGINE_{field.upper()}" in env, f"{service}: DATAENGINE_{field.upper()} not set"
         assert getattr(engine_settings(service, monkeypatch), field) == default
+
+
+def test_flower_watches_the_services_broker(monkeypatch):
+    spec = compose()["services"][FLOWER]
+    command = spec["command"]
+    assert spec["image"].startswith("mher/flower:")  # flower is no dependency of the services' image
+    assert command[0] == "celery" and "flower" in command
+    broker = command[command.index("--broker") + 1]
+    assert broker == engine_settings("orchestrator", monkeypatch).broker_url
+    assert f"--port={FLOWER_PORT}" in command and spec["ports"] == [f"{FLOWER_PORT}:{FLOWER_PORT}"]
+    assert spec["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert f"127.0.0.1:{FLOWER_PORT}/healthcheck" in spec["healthcheck"]["test"][-1]
+    assert spec["read_only"] is True and spec["cap_drop"] == ["ALL"]
+
+
+def prometheus_mounts() -> dict[str, Path]:
+    """The prometheus service's bind mounts: container path -> file in the repository."""
+    mounts = {}
+    for volume in compose()["services"]["prometheus"]["volumes"]:
+        source, target = volume.split(":")[:2]
+        if source.startswith("."):  # Compose resolves it from the compose file's folder
+            mounts[target] = (DEPLOY / source).resolve()
+    return mounts
+
+
+def prometheus_config() -> tuple[str, dict]:
+    command = compose()["services"]["prometheus"]["command"]
+    (path,) = [c.split("=", 1)[1] for c in command if c.startswith("--config.file=")]
+    return path, yaml.safe_load(prometheus_mounts()[path].read_text())
+
+
+def test_prometheus_mounts_its_config_and_rules():
+    spec = compose()["services"]["prometheus"]
+    assert spec["image"].startswith("prom/prometheus:")
+    mounts = prometheus_mounts()
+    assert mounts and all(path.is_file() for path in mounts.values()), mounts
+    path, config = prometheus_config()
+    folder = Path(path).parent
+    for rules in config["rule_files"]:  # relative to the config file
+        assert str(folder / rules) in mounts, f"rule file {rules} is not mounted"
+
+
+def scrape_targets() -> dict[str, str]:
+    """app label -> host:port of the Compose Prometheus' static targets."""
+    (job,) = prometheus_config()[1]["scrape_configs"]
+    assert job.get("metrics_path", METRICS_PATH) == METRICS_PATH
+    return {group["labels"]["app"]: target for group in job["static_configs"] for target in group["targets"]}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_prometheus_scrapes_each_service_on_its_metrics_port(service, monkeypatch):
+    port = engine_settings(service, monkeypatch).metrics_port
+    assert port > 0, f"{service}: DATAENGINE_METRICS_PORT 0 serves no /metrics"
+    assert scrape_targets()[service] == f"{service}:{port}"
+    assert f"{port}:{port}" not in compose()["services"][service]["ports"], "scraped inside the network"
+
+
+def test_prometheus_scrapes_the_studio_and_flower_on_their_http_ports(monkeypatch):
+    targets = scrape_targets()
+    assert targets[STUDIO] == f"{STUDIO}:{engine_settings(STUDIO, monkeypatch).studio_port}"
+    assert targets[FLOWER] == f"{FLOWER}:{FLOWER_PORT}"
+    assert set(targets) == {*DEPLOYED, FLOWER}

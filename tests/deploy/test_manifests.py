@@ -14,8 +14,8 @@ import yaml
 
 from services.common.queues import MODEL_QUEUES, SERVICES
 from services.common.settings import Settings
-from tests.deploy.manifests import (DEPLOYED, HEALTHZ, K8S, STUDIO, configmap_env, k8s_by_kind, k8s_objects,
-                                    kustomization, only_container, settings_field)
+from tests.deploy.manifests import (DEPLOYED, FLOWER, HEALTHZ, K8S, STUDIO, configmap_env, k8s_by_kind,
+                                    k8s_objects, kustomization, only_container, settings_field)
 
 GPU_SERVICES = ("embedder", "decoder")
 UID = 10001  # the Dockerfile's USER
@@ -92,7 +92,9 @@ def test_deployment_runs_the_service_on_its_port(service, settings_from_configma
     container = only_container(dep)
     port = settings_from_configmap.port_of(service)
     assert container["args"] == [service]  # ENTRYPOINT is `dataengine serve`
-    assert container["ports"] == [{"name": "grpc", "containerPort": port}]
+    assert settings_from_configmap.metrics_port > 0, "DATAENGINE_METRICS_PORT: /metrics for Prometheus"
+    assert container["ports"] == [{"name": "grpc", "containerPort": port},
+                                  {"name": "metrics", "containerPort": settings_from_configmap.metrics_port}]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"] == {"port": port}, f"{service} {probe}"
     svc = k8s_by_kind("Service")[service]["spec"]
@@ -250,7 +252,7 @@ def test_kustomize_renders_with_scaler_addresses():
     namespaced = [o for o in objects if o["kind"] != "Namespace"]
     assert {o["metadata"]["namespace"] for o in namespaced} == {kustomization()["namespace"]}
     images = {o["metadata"]["name"]: only_container(o)["image"] for o in objects if o["kind"] == "Deployment"}
-    assert set(images) == set(DEPLOYED)
+    assert set(images) == {*DEPLOYED, FLOWER}
     assert all(":" in image for image in images.values()), images  # tagged by `images:`
     for obj in (o for o in objects if o["kind"] == "ScaledObject"):
         meta = obj["spec"]["triggers"][0]["metadata"]

@@ -14,7 +14,8 @@ import yaml
 from services.common.queues import SERVICES
 from services.common.settings import Settings
 from services.common.tls import TlsFiles
-from tests.deploy.manifests import DEPLOY, STUDIO, configmap_env, load_yaml_docs, only_container, settings_field
+from tests.deploy.manifests import (DEPLOY, FLOWER, FLOWER_PORT, STUDIO, configmap_env, load_yaml_docs, only_container,
+                                    settings_field)
 
 SECURE = DEPLOY / "k8s-secure"
 
@@ -81,7 +82,7 @@ def rendered() -> dict[tuple[str, str], dict]:
     return {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(out.stdout) if o}
 
 
-@pytest.mark.parametrize("name", [*SERVICES, STUDIO])
+@pytest.mark.parametrize("name", [*SERVICES, STUDIO, FLOWER])
 def test_every_file_a_pod_is_told_of_is_mounted_from_its_secret(rendered, name):
     dep = rendered[("Deployment", name)]
     container, pod = only_container(dep), dep["spec"]["template"]["spec"]
@@ -134,3 +135,28 @@ def test_keda_polls_redis_over_tls_with_the_password(rendered):
         (trigger,) = obj["spec"]["triggers"]
         assert trigger["metadata"]["enableTLS"] == "true"
         assert trigger["authenticationRef"] == {"name": "dataengine-redis"}
+
+
+def test_flower_asks_for_a_password_and_serves_https(rendered):
+    """Flower shows every task's arguments and can shut workers down: basic auth from a Secret
+    template, HTTPS with the pod's certificate, and the rediss broker URL of dataengine-broker."""
+    dep = rendered[("Deployment", FLOWER)]
+    container, pod = only_container(dep), dep["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in container["env"]}
+    ref = env["FLOWER_BASIC_AUTH"]["valueFrom"]["secretKeyRef"]
+    assert ref["key"] in SECRETS[ref["name"]]["stringData"]
+    for key, wanted in (("FLOWER_CERTFILE", "tls.crt"), ("FLOWER_KEYFILE", "tls.key")):
+        assert _mounted(container, pod, env[key]["value"]) == ("dataengine-tls", wanted), key
+        assert wanted in SECRETS["dataengine-tls"]["stringData"]
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"], "0440 Secret files"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS"
+        assert container[probe]["httpGet"]["port"] == FLOWER_PORT
+    assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
+    assert rendered[("Service", FLOWER)]["spec"]["ports"][0]["appProtocol"] == "https"
+    assert "--broker=$(DATAENGINE_BROKER_URL)" in container["args"]  # the Secret's, later in envFrom
+
+
+def test_the_studio_metrics_are_scraped_over_https(rendered):
+    annotations = rendered[("Deployment", STUDIO)]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scheme"] == "https"
