@@ -55,6 +55,7 @@ def shapes(tiny_sam) -> list[Example]:
 def one_thread():
     """One torch thread: the same figures on every machine (restored for the tests after)."""
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
