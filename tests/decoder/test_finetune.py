@@ -143,3 +143,31 @@ def test_too_few_masks_and_foreign_embeddings_are_refused_by_name(shapes, tiny_c
         train_decoder(loaded, tiny_checkpoint, shapes + foreign, config, tmp_path / "foreign")
     assert not (tmp_path / "foreign" / "sam_tiny_ft.pth").exists()
     assert read_card(tiny_checkpoint) is None
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_vit_b_checkpoint_loads_through_segment_anythings_registry(tmp_path):
+    """The official format: ``sam_model_registry["vit_b"](checkpoint=...)`` builds it, strict."""
+    from segment_anything import sam_model_registry
+
+    from services.common.embedding import StoredEmbedding
+    from services.common.sam_models import save_random_checkpoint
+
+    base = save_random_checkpoint("vit_b", tmp_path / "sam_vit_b.pth", seed=0)
+    loaded = load_sam("vit_b", base)
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(6):
+        features = rng.normal(0, 1, (1, 256, 64, 64)).astype(np.float16)
+        emb = StoredEmbedding(features, loaded.encoder_id, f"img{i}", (48, 64), (768, 1024), (0, 0, 64, 48))
+        mask = np.zeros((48, 64), bool)
+        mask[10:30, 20:50] = True
+        examples.append(Example(f"vitb-{i}", emb, mask))
+    config = TrainConfig(epochs=1, rounds=0, batch_size=2, holdout_fraction=0.5)
+    card = train_decoder(loaded, base, examples, config, tmp_path / "ft")
+    path = tmp_path / "ft" / card.checkpoint
+    official = sam_model_registry["vit_b"](checkpoint=str(path))
+    mine = torch.load(path, weights_only=True)
+    assert official.state_dict().keys() == mine.keys()
+    assert all(torch.equal(official.state_dict()[k], mine[k]) for k in mine)
+    assert card.trained_masks + card.held_out_masks == 6 and card.trained_masks > 0 < card.held_out_masks
