@@ -171,3 +171,54 @@ def test_a_fine_tuned_vit_b_checkpoint_loads_through_segment_anythings_registry(
     assert official.state_dict().keys() == mine.keys()
     assert all(torch.equal(official.state_dict()[k], mine[k]) for k in mine)
     assert card.trained_masks + card.held_out_masks == 6 and card.trained_masks > 0 < card.held_out_masks
+
+
+def _run_dir(tmp_path: Path, shapes: list[Example]) -> Path:
+    """A `dataengine run` folder whose items a human accepted (all but two: one auto-accepted, one
+    the human discarded, neither to be trained on)."""
+    from services.common.keys import manifest_key
+    from services.common.masks import MaskRecord, encode_rle
+    from services.common.storage import LocalStore
+    from services.orchestrator.embedded import STORE_DIR
+    from services.orchestrator.model import Item, ItemState, PhraseResult
+    from tests.decoder.builders import put
+
+    store = LocalStore(tmp_path / "run" / STORE_DIR)
+    for i, e in enumerate(shapes):
+        record = MaskRecord(encode_rle(e.mask), [0, 0, 1, 1], int(e.mask.sum()), 1.0, 1.0, source="human:ann")
+        human = i != 0
+        state = ItemState.DISCARDED if i == 1 else ItemState.ACCEPTED
+        phrase = PhraseResult("shape", masks=[record], provenance="human:ann" if human else "sam3",
+                              state=ItemState.ACCEPTED, grounded=True)
+        item = Item(e.item_id, f"{e.item_id}.png", f"images/{i}", e.embedding.image_id, state=state,
+                    reviewer="ann" if human else "", outputs={"embed": put(store, e.embedding)}, phrases=[phrase])
+        store.put(manifest_key(e.item_id), json.dumps(item.to_json()).encode())
+    return tmp_path / "run"
+
+
+def test_train_decoder_and_eval_masks_on_a_run_folder(shapes, tiny_checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    run = _run_dir(tmp_path, shapes[:10])
+    runner = CliRunner()
+    model = ["--model-type", "tiny", "--device", "cpu"]
+    trained = runner.invoke(app, ["train", "decoder", "--run", str(run), "--out", str(tmp_path / "ft"), *model,
+                                  "--checkpoint", str(tiny_checkpoint), "--epochs", "1", "--rounds", "0",
+                                  "--holdout", "0.3"])
+    assert trained.exit_code == 0, trained.output
+    card = json.loads(trained.stdout)
+    held = sum(held_out(e.item_id, 0.3) for e in shapes[2:10])
+    assert card["trained_masks"] + card["held_out_masks"] == 8 and card["held_out_masks"] == held  # 2 left out
+    new = tmp_path / "ft" / card["checkpoint"]
+
+    measured = runner.invoke(app, ["eval-masks", "--run", str(run), *model, "--holdout", "0.3",
+                                   "--checkpoint", str(tiny_checkpoint), "--checkpoint", str(new)])
+    assert measured.exit_code == 0, measured.output
+    figures = json.loads(measured.stdout)
+    assert figures["items"] == held and set(figures["checkpoints"]) == {str(tiny_checkpoint), str(new)}
+    assert figures["checkpoints"][str(new)] == card["after"]  # the card's figures are eval-masks' figures
+
+    empty = runner.invoke(app, ["train", "decoder", "--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+    assert empty.exit_code == 2 and "holds no engine store" in empty.output
