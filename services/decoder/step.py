@@ -7,7 +7,8 @@ proposed phrase with one mask per instance: the instance's own mask when its bac
 (SAM 3; it must have the image's size), else one Predict with its box and/or point (best single
 mask). Each mask records who made it (``MaskRecord.source``). A positive without instances stays
 an image-level label; hard negatives have no mask.
-Outputs: ``masks_key``, ``decode_key``, ``count`` (grid masks), ``instances`` (phrase masks).
+Outputs: ``masks_key``, ``decode_key``, ``count`` (grid masks), ``instances`` (phrase masks),
+``encoder_id`` and ``decoder_id`` (the models that read the embedding and made the masks).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def make_handler(core: DecoderCore, store: ObjectStore) -> StepHandler:
         key = step_key(request.item_id, "decode")
         store.put(key, DecodeOutput(result.masks_key, phrases).to_bytes(), content_type="application/json")
         return {"masks_key": result.masks_key, "decode_key": key, "count": len(result.masks),
-                "instances": sum(len(p.masks) for p in phrases)}
+                "instances": sum(len(p.masks) for p in phrases), "encoder_id": core.encoder_id,
+                "decoder_id": core.decoder_id}
 
     return handle

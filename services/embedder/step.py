@@ -2,7 +2,8 @@
 
 Inputs: ``image_key``, ``source`` (optional: names the image in errors); ``amg_params`` (optional JSON of AmgParams fields): with crop layers the
 crops are embedded too, so the decode step finds every embedding it needs.
-Outputs: ``embedding_key`` (full image), ``image_id``, ``height``, ``width`` (pixels), ``model_id``.
+Outputs: ``embedding_key`` (full image), ``image_id``, ``height``, ``width`` (pixels), ``encoder_id``
+(the encoder id the embeddings carry; also as ``model_id``, its name before the decoder had its own).
 """
 
 from __future__ import annotations
@@ -20,6 +21,6 @@ def make_handler(core: EmbedderCore) -> StepHandler:
                                params.crop_overlap_ratio)
         full = result.embeddings[0]
         return {"embedding_key": full.key, "image_id": result.image_id, "height": full.original_size[0],
-                "width": full.original_size[1], "model_id": full.model_id}
+                "width": full.original_size[1], "encoder_id": full.model_id, "model_id": full.model_id}
 
     return handle

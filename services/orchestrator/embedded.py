@@ -26,9 +26,9 @@ from services.embedder import step as embedder_step
 from services.embedder.core import EmbedderCore
 from services.orchestrator import exports
 from services.orchestrator.dispatch import InlineDispatcher
-from services.orchestrator.engine import Orchestrator, Submission
+from services.orchestrator.engine import Orchestrator, RerunSummary, Submission
 from services.orchestrator.index import MemoryIndex
-from services.orchestrator.model import DECODE, EMBED, PROPOSE, VERIFY, Item, Stage, manifest_key
+from services.orchestrator.model import DECODE, EMBED, PROPOSE, VERIFY, Item, ItemState, Stage, manifest_key
 from services.verifier import step as verifier_step
 from services.verifier.core import VerifierCore
 
@@ -64,6 +64,7 @@ class EmbeddedEngine:
         self.out_dir = Path(out_dir)
         self.store = LocalStore(self.out_dir / STORE_DIR)
         sam = sam if sam is not None else load_from_settings(settings)
+        self.sam = sam
         embedder = EmbedderCore(sam, self.store, settings.embed_batch_size, settings.max_image_pixels)
         decoder = DecoderCore(sam, self.store, settings.embedding_cache_size)
         concepts = ConceptsCore.from_settings(settings, self.store)
@@ -80,6 +81,14 @@ class EmbeddedEngine:
         unfinished = self.orchestrator.resume()
         self.dispatcher.run(self.orchestrator.report)
         return unfinished
+
+    def rerun(self, states: Sequence[ItemState]) -> RerunSummary:
+        """Decode and verify again, with this engine's decoder, the waiting items in ``states`` that
+        no human settled (``Orchestrator.rerun``); they are routed anew before it returns."""
+        self.resume()
+        summary = self.orchestrator.rerun(states, self.sam.decoder_id)
+        self.dispatcher.run(self.orchestrator.report)
+        return summary
 
     def process(self, path: Path, source: str, labels: Sequence[str] = (),
                 stage: Stage = Stage.FULLY_AUTOMATIC) -> FileResult:

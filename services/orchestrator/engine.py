@@ -62,6 +62,23 @@ class Submission:
 
 
 @dataclass
+class RerunSummary:
+    """What ``Orchestrator.rerun`` did: the item ids sent through again, and per reason how many
+    it left alone."""
+
+    rerun: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, why: str) -> None:
+        # "alice is reviewing it" and "bob is reviewing it" are one reason in a report.
+        key = "a human is reviewing it" if why.endswith(" is reviewing it") else why
+        self.skipped[key] = self.skipped.get(key, 0) + 1
+
+    def to_json(self) -> dict:
+        return {"rerun": len(self.rerun), "item_ids": list(self.rerun), "skipped": dict(self.skipped)}
+
+
+@dataclass
 class Orchestrator:
     store: ObjectStore
     index: Index
@@ -199,6 +216,7 @@ class Orchestrator:
             item.outputs[EMBED] = _need(out, "embedding_key", str)
             item.image_id = _need(out, "image_id", str)
             item.height, item.width = _need(out, "height", int), _need(out, "width", int)
+            item.models["encoder"] = _model_id(out, "encoder_id", "model_id")
             if item.stage == Stage.ASSISTED_MANUAL:
                 item.move(ItemState.REVIEW, "assisted-manual: waiting for an annotator")
             else:
@@ -209,6 +227,8 @@ class Orchestrator:
         elif step == DECODE:
             item.outputs[DECODE] = _need(out, "decode_key", str)
             item.grid_masks_key = _need(out, "masks_key", str)
+            item.models["decoder"] = _model_id(out, "decoder_id")
+            item.models["encoder"] = _model_id(out, "encoder_id") or item.models.get("encoder", "")
             item.move(ItemState.MASKS_DECODED)
         elif step == VERIFY:
             item.outputs[VERIFY] = _need(out, "verify_key", str)
@@ -298,6 +318,34 @@ class Orchestrator:
             self._dispatch(item)
         return len(unfinished)
 
+    def rerun(self, states: Sequence[ItemState], decoder_id: str = "", reason: str = "") -> RerunSummary:
+        """Decode and verify again every item in ``states`` (review, rejected) that no human settled
+        or holds (``Item.rerun_refusal``), e.g. with a newly promoted decoder; each is routed anew.
+
+        decoder_id: the decoder the decode workers now run: items whose masks it made already are
+        left as they are (a second rerun after the same promotion redoes nothing). ``""``: all.
+        """
+        summary = RerunSummary()
+        allowed = {ItemState.REVIEW, ItemState.REJECTED}
+        wrong = [s.name.lower() for s in states if s not in allowed]
+        if wrong or not states:
+            raise InvalidInput(f"rerun takes --state review and/or --state rejected, got {wrong or 'none'}")
+        for state in dict.fromkeys(states):
+            for item_id in self.index.ids(state):
+                with self.index.lock(item_id):
+                    item = self.load(item_id)
+                    refusal = item.rerun_refusal(now())
+                    if not refusal and decoder_id and item.models.get("decoder") == decoder_id:
+                        refusal = f"its masks are decoder {decoder_id}'s already"
+                    if refusal:
+                        summary.skip(refusal)
+                        continue
+                    item.rerun(reason or f"rerun with decoder {decoder_id or 'in service'}", now())
+                    self.save(item)
+                summary.rerun.append(item_id)
+                self._dispatch(item)
+        return summary
+
     # -- queries ---------------------------------------------------------------------------------
 
     def list_items(self, state: ItemState | None = None, stage: Stage | None = None, page_size: int = 100,
@@ -326,6 +374,14 @@ class Orchestrator:
     def submit_review(self, submission: ReviewSubmission) -> Item:
         """A human's decision on an item they hold: accept with their phrases and masks, or discard."""
         return self.desk.submit(submission)
+
+
+def _model_id(out: dict, *names: str) -> str:
+    """The first of ``names`` in a step's outputs ("" when a worker of an older version sent none)."""
+    for name in names:
+        if name in out:
+            return _need(out, name, str)
+    return ""
 
 
 def _need(out: dict, name: str, kind: type):

@@ -184,7 +184,7 @@ def write_saco(store: ObjectStore, fp: TextIO, states: States = None) -> ExportS
     """SA-Co style JSON into ``fp``: ``{"pairs": [record, ...], "info": {...}}``.
 
     record: ``image`` {item_id, image_id (sha256), source, height, width (pixels), state (the
-    item's)}, ``phrase``, ``is_negative`` (hard negative: no masks), ``grounded`` (False: an
+    item's), models (the encoder and decoder ids behind its machine output)}, ``phrase``, ``is_negative`` (hard negative: no masks), ``grounded`` (False: an
     image-level label without masks), ``masks`` (SA-1B records), ``score`` in [0, 1], ``verdicts``,
     ``stage``, ``state`` (the pair's routing state), ``provenance`` (model version or
     ``human:<name>``), ``is_instance_exhaustive`` (the human's EV decision, else the verifier's).
@@ -196,7 +196,7 @@ def write_saco(store: ObjectStore, fp: TextIO, states: States = None) -> ExportS
         summary.images += bool(item.phrases)
         height, width = _image_size(item)
         image = {"item_id": item.item_id, "image_id": item.image_id, "source": item.source,
-                 "height": height, "width": width, "state": item.state.name}
+                 "height": height, "width": width, "state": item.state.name, "models": item.models}
         for p in item.phrases:
             # A negative's masks would contradict "verified absent"; the record keeps the verdict.
             masks = [] if p.is_negative else [{"id": i, **m.to_json()} for i, m in enumerate(p.masks)]

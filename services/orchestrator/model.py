@@ -170,6 +170,10 @@ class Item:
     lease: the annotator's claim while one holds it. reviews: every human review and audit, in order.
     audit: "" (none), "pending" (a second annotator is to check the accepted review) or "done".
     skipped_by: annotators who skipped it: they get it again only when nothing else waits.
+    models: the models that made the item's machine output: "encoder" (the encoder id its
+        embeddings carry) and "decoder" (the decoder id of its masks), set as the steps report.
+    failure_modes: why the item needs a human (``mining.FAILURE_MODES``), set when it is routed to
+        review or the fix queue; the review queue orders by them.
     """
 
     item_id: str
@@ -194,6 +198,8 @@ class Item:
     reviews: list[ReviewRecord] = field(default_factory=list)
     audit: str = ""
     skipped_by: list[str] = field(default_factory=list)
+    models: dict[str, str] = field(default_factory=dict)
+    failure_modes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.history:
@@ -216,6 +222,36 @@ class Item:
 
     def fail(self, reason: str) -> None:
         self.move(ItemState.FAILED, reason)
+
+    def rerun_refusal(self, now: float) -> str:
+        """Why ``rerun`` may not touch this item ("" when it may): only machine-routed items that
+        wait for a human (review or the fix queue) with masks to redo, none a human settled or holds."""
+        if self.state not in (ItemState.REVIEW, ItemState.REJECTED):
+            return f"{self.state.name.lower()}, not waiting in review or the fix queue"
+        if self.stage == Stage.ASSISTED_MANUAL or DECODE not in self.done:
+            return "assisted-manual: no machine masks to redo"
+        if self.reviews or self.reviewer:
+            return "a human reviewed it"
+        if self.lease is not None and self.lease.live(now):
+            return f"{self.lease.annotator} is reviewing it"
+        return ""
+
+    def rerun(self, reason: str, now: float) -> None:
+        """Send the item back to before its decode step (its embedding and concepts stay): the decode
+        and verify steps run again and route it anew. The only way back from review or the fix
+        queue, so it is not in TRANSITIONS; FailedPrecondition when ``rerun_refusal`` says why not."""
+        refusal = self.rerun_refusal(now)
+        if refusal:
+            raise FailedPrecondition(f"item {self.item_id} cannot be rerun: {refusal}")
+        self.done = [s for s in self.done if s not in (DECODE, VERIFY)]
+        for step in (DECODE, VERIFY):
+            self.outputs.pop(step, None)
+            self.timings.pop(step, None)
+        self.grid_masks_key, self.phrases, self.score, self.lease = "", [], None, None
+        self.failure_modes = []
+        self.models.pop("decoder", None)
+        self.state, self.reason = ItemState.EMBEDDED, reason
+        self.history.append([ItemState.EMBEDDED.name, round(now, 3)])
 
     @property
     def band(self) -> str:
@@ -254,7 +290,8 @@ class Item:
                 "score": self.score, "history": self.history, "reviewer": self.reviewer,
                 "timings": dict(self.timings), "lease": self.lease.to_json() if self.lease else None,
                 "reviews": [r.to_json() for r in self.reviews], "audit": self.audit,
-                "skipped_by": list(self.skipped_by)}
+                "skipped_by": list(self.skipped_by), "models": dict(self.models),
+                "failure_modes": list(self.failure_modes)}
 
     @classmethod
     def from_json(cls, d: dict) -> "Item":
@@ -270,7 +307,9 @@ class Item:
                        timings={str(k): float(v) for k, v in d.get("timings", {}).items()},
                        lease=Lease.from_json(d["lease"]) if d.get("lease") else None,
                        reviews=[ReviewRecord.from_json(r) for r in d.get("reviews", [])],
-                       audit=str(d.get("audit", "")), skipped_by=[str(a) for a in d.get("skipped_by", [])])
+                       audit=str(d.get("audit", "")), skipped_by=[str(a) for a in d.get("skipped_by", [])],
+                       models={str(k): str(v) for k, v in d.get("models", {}).items()},
+                       failure_modes=[str(m) for m in d.get("failure_modes", [])])
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"malformed item manifest {d.get('item_id', '?')!r}: {exc!r}") from None
 
@@ -284,7 +323,8 @@ class Item:
             score=self.score if self.score is not None else 0.0, image_key=self.image_key,
             embedding_key=self.outputs.get(EMBED, ""), height=self.height, width=self.width,
             lease=lease.to_proto() if lease else None, band=self.band,
-            audit_of=self.reviewer if self.band == "audit" else "", reviewer=self.reviewer)
+            audit_of=self.reviewer if self.band == "audit" else "", reviewer=self.reviewer,
+            models=self.models, failure_modes=self.failure_modes)
 
 
 def _counts(d: dict[str, int]) -> list[orchestrator_pb2.CountByKey]:

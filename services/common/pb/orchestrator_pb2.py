@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from services.common.pb import common_pb2 as dataengine_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n dataengine/v1/orchestrator.proto\x12\rdataengine.v1\x1a\x1a\x64\x61taengine/v1/common.proto\"s\n\rSubmitRequest\x12\'\n\x06images\x18\x01 \x03(\x0b\x32\x17.dataengine.v1.ImageRef\x12\x14\n\x0cknown_labels\x18\x02 \x03(\t\x12#\n\x05stage\x18\x03 \x01(\x0e\x32\x14.dataengine.v1.Stage\"\"\n\x0eSubmitResponse\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"\x87\x02\n\x0cPhraseResult\x12\x0e\n\x06phrase\x18\x01 \x01(\t\x12\x13\n\x0bis_negative\x18\x02 \x01(\x08\x12\"\n\x05masks\x18\x03 \x03(\x0b\x32\x13.dataengine.v1.Mask\x12(\n\x08verdicts\x18\x04 \x03(\x0b\x32\x16.dataengine.v1.Verdict\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x12\n\nprovenance\x18\x06 \x01(\t\x12\'\n\x05state\x18\x07 \x01(\x0e\x32\x18.dataengine.v1.ItemState\x12\x17\n\nexhaustive\x18\x08 \x01(\x08H\x00\x88\x01\x01\x12\x10\n\x08grounded\x18\t \x01(\x08\x42\r\n\x0b_exhaustive\"b\n\x05Lease\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x11\n\tannotator\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12\x12\n\nclaimed_at\x18\x04 \x01(\x01\x12\x12\n\nexpires_at\x18\x05 \x01(\x01\"\x8b\x03\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12#\n\x05stage\x18\x03 \x01(\x0e\x32\x14.dataengine.v1.Stage\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.dataengine.v1.ItemState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12,\n\x07phrases\x18\x06 \x03(\x0b\x32\x1b.dataengine.v1.PhraseResult\x12\'\n\ngrid_masks\x18\x07 \x03(\x0b\x32\x13.dataengine.v1.Mask\x12\r\n\x05score\x18\x08 \x01(\x02\x12\x11\n\timage_key\x18\t \x01(\t\x12\x15\n\rembedding_key\x18\n \x01(\t\x12\x0e\n\x06height\x18\x0b \x01(\x05\x12\r\n\x05width\x18\x0c \x01(\x05\x12#\n\x05lease\x18\r \x01(\x0b\x32\x14.dataengine.v1.Lease\x12\x0c\n\x04\x62\x61nd\x18\x0e \x01(\t\x12\x10\n\x08\x61udit_of\x18\x0f \x01(\t\x12\x10\n\x08reviewer\x18\x10 \x01(\t\"!\n\x0eGetItemRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\"\x87\x01\n\x10ListItemsRequest\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.dataengine.v1.ItemState\x12#\n\x05stage\x18\x02 \x01(\x0e\x32\x14.dataengine.v1.Stage\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"P\n\x11ListItemsResponse\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.dataengine.v1.Item\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x0e\n\x0cStatsRequest\"(\n\nCountByKey\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\x8e\x02\n\rStatsResponse\x12\x31\n\x0eitems_by_state\x18\x01 \x03(\x0b\x32\x19.dataengine.v1.CountByKey\x12\x31\n\x0eitems_by_stage\x18\x02 \x03(\x0b\x32\x19.dataengine.v1.CountByKey\x12/\n\x0cqueue_depths\x18\x03 \x03(\x0b\x32\x19.dataengine.v1.CountByKey\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x04 \x01(\x03\x12\x31\n\x0ereview_waiting\x18\x05 \x03(\x0b\x32\x19.dataengine.v1.CountByKey\x12\x1d\n\x15review_oldest_seconds\x18\x06 \x01(\x01\"K\n\x11NextReviewRequest\x12\x11\n\tannotator\x18\x01 \x01(\t\x12#\n\x05stage\x18\x02 \x01(\x0e\x32\x14.dataengine.v1.Stage\"Q\n\x0cReviewedMask\x12!\n\x04mask\x18\x01 \x01(\x0b\x32\x13.dataengine.v1.Mask\x12\x0e\n\x06\x61\x63\x63\x65pt\x18\x02 \x01(\x08\x12\x0e\n\x06origin\x18\x03 \x01(\t\"\xd0\x01\n\x0eReviewedPhrase\x12\x0e\n\x06phrase\x18\x01 \x01(\t\x12\x17\n\x0foriginal_phrase\x18\x02 \x01(\t\x12\x13\n\x0bis_negative\x18\x03 \x01(\x08\x12*\n\x05masks\x18\x04 \x03(\x0b\x32\x1b.dataengine.v1.ReviewedMask\x12\x17\n\nexhaustive\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x0cungroundable\x18\x06 \x01(\x08\x12\x16\n\x0enegative_check\x18\x07 \x01(\tB\r\n\x0b_exhaustive\"\xd4\x01\n\x13SubmitReviewRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x11\n\tannotator\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63\x63\x65pt\x18\x03 \x01(\x08\x12,\n\x07phrases\x18\x04 \x03(\x0b\x32\x1b.dataengine.v1.PhraseResult\x12\x13\n\x0blease_token\x18\x05 \x01(\t\x12/\n\x08reviewed\x18\x06 \x03(\x0b\x32\x1d.dataengine.v1.ReviewedPhrase\x12\x15\n\rseconds_spent\x18\x07 \x01(\x01\"G\n\x0cLeaseRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x11\n\tannotator\x18\x02 \x01(\t\x12\x13\n\x0blease_token\x18\x03 \x01(\t\"\x17\n\x15\x41nnotatorStatsRequest\"\x82\x02\n\x10\x41nnotatorFigures\x12\x11\n\tannotator\x18\x01 \x01(\t\x12\r\n\x05items\x18\x02 \x01(\x03\x12\r\n\x05masks\x18\x03 \x01(\x03\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x16\n\x0eitems_per_hour\x18\x05 \x01(\x01\x12\x16\n\x0emasks_per_hour\x18\x06 \x01(\x01\x12\x18\n\x10seconds_per_item\x18\x07 \x01(\x01\x12\x18\n\x10seconds_per_mask\x18\x08 \x01(\x01\x12\x0e\n\x06\x61udits\x18\t \x01(\x03\x12 \n\x18\x61udit_decision_agreement\x18\n \x01(\x01\x12\x16\n\x0e\x61udit_mask_iou\x18\x0b \x01(\x01\"M\n\x16\x41nnotatorStatsResponse\x12\x33\n\nannotators\x18\x01 \x03(\x0b\x32\x1f.dataengine.v1.AnnotatorFigures\"/\n\rExportRequest\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\"-\n\x0e\x45xportResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\r\n\x05items\x18\x02 \x01(\x03\x32\xdf\x05\n\x0cOrchestrator\x12\x45\n\x06Submit\x12\x1c.dataengine.v1.SubmitRequest\x1a\x1d.dataengine.v1.SubmitResponse\x12=\n\x07GetItem\x12\x1d.dataengine.v1.GetItemRequest\x1a\x13.dataengine.v1.Item\x12N\n\tListItems\x12\x1f.dataengine.v1.ListItemsRequest\x1a .dataengine.v1.ListItemsResponse\x12\x42\n\x05Stats\x12\x1b.dataengine.v1.StatsRequest\x1a\x1c.dataengine.v1.StatsResponse\x12\x43\n\nNextReview\x12 .dataengine.v1.NextReviewRequest\x1a\x13.dataengine.v1.Item\x12G\n\x0cSubmitReview\x12\".dataengine.v1.SubmitReviewRequest\x1a\x13.dataengine.v1.Item\x12>\n\tHeartbeat\x12\x1b.dataengine.v1.LeaseRequest\x1a\x14.dataengine.v1.Lease\x12\x41\n\rReleaseReview\x12\x1b.dataengine.v1.LeaseRequest\x1a\x13.dataengine.v1.Item\x12]\n\x0e\x41nnotatorStats\x12$.dataengine.v1.AnnotatorStatsRequest\x1a%.dataengine.v1.AnnotatorStatsResponse\x12\x45\n\x06\x45xport\x12\x1c.dataengine.v1.ExportRequest\x1a\x1d.dataengine.v1.ExportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n dataengine/v1/orchestrator.proto\x12\rdataengine.v1\x1a\x1a\x64\x61taengine/v1/common.proto\"s\n\rSubmitRequest\x12\'\n\x06images\x18\x01 \x03(\x0b\x32\x17.dataengine.v1.ImageRef\x12\x14\n\x0cknown_labels\x18\x02 \x03(\t\x12#\n\x05stage\x18\x03 \x01(\x0e\x32\x14.dataengine.v1.Stage\"\"\n\x0eSubmitResponse\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"\x87\x02\n\x0cPhraseResult\x12\x0e\n\x06phrase\x18\x01 \x01(\t\x12\x13\n\x0bis_negative\x18\x02 \x01(\x08\x12\"\n\x05masks\x18\x03 \x03(\x0b\x32\x13.dataengine.v1.Mask\x12(\n\x08verdicts\x18\x04 \x03(\x0b\x32\x16.dataengine.v1.Verdict\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x12\n\nprovenance\x18\x06 \x01(\t\x12\'\n\x05state\x18\x07 \x01(\x0e\x32\x18.dataengine.v1.ItemState\x12\x17\n\nexhaustive\x18\x08 \x01(\x08H\x00\x88\x01\x01\x12\x10\n\x08grounded\x18\t \x01(\x08\x42\r\n\x0b_exhaustive\"b\n\x05Lease\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x11\n\tannotator\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12\x12\n\nclaimed_at\x18\x04 \x01(\x01\x12\x12\n\nexpires_at\x18\x05 \x01(\x01\"\x82\x04\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12#\n\x05stage\x18\x03 \x01(\x0e\x32\x14.dataengine.v1.Stage\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.dataengine.v1.ItemState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12,\n\x07phrases\x18\x06 \x03(\x0b\x32\x1b.dataengine.v1.PhraseResult\x12\'\n\ngrid_masks\x18\x07 \x03(\x0b\x32\x13.dataengine.v1.Mask\x12\r\n\x05score\x18\x08 \x01(\x02\x12\x11\n\timage_key\x18\t \x01(\t\x12\x15\n\rembedding_key\x18\n \x01(\t\x12\x0e\n\x06height\x18\x0b \x01(\x05\x12\r\n\x05width\x18\x0c \x01(\x05\x12#\n\x05lease\x18\r \x01(\x0b\x32\x14.dataengine.v1.Lease\x12\x0c\n\x04\x62\x61nd\x18\x0e \x01(\t\x12\x10\n\x08\x61udit_of\x18\x0f \x01(\t\x12\x10\n\x08reviewer\x18\x10 \x01(\t\x12/\n\x06models\x18\x11 \x03(\x0b\x32\x1f.dataengine.v1.Item.ModelsEntry\x12\x15\n\rfailure_modes\x18\x12 \x03(\t\x1a-\n\x0bModelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"!\n\x0eGetItemRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\"\x87\x01\n\x10ListItemsRequest\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.dataengine.v1.ItemState\x12#\n\x05stage\x18\x02 \x01(\x0e\x32\x14.dataengine.v1.Stage\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"P\n\x11ListItemsResponse\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.dataengine.v1.Item\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x0e\n\x0cStatsRequest\"(\n\nCountByKey\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\x8e\x02\n\rStatsResponse\x12\x31\n\x0eitems_by_state\x18\x01 \x03(\x0b\x32\x19.dataengine.v1.CountByKey\x12\x31\n\x0eitems_by_stage\x18\x02 \x03(\x0b\x32\x19.dataengine.v1.CountByKey\x12/\n\x0cqueue_depths\x18\x03 \x03(\x0b\x32\x19.dataengine.v1.CountByKey\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x04 \x01(\x03\x12\x31\n\x0ereview_waiting\x18\x05 \x03(\x0b\x32\x19.dataengine.v1.CountByKey\x12\x1d\n\x15review_oldest_seconds\x18\x06 \x01(\x01\"K\n\x11NextReviewRequest\x12\x11\n\tannotator\x18\x01 \x01(\t\x12#\n\x05stage\x18\x02 \x01(\x0e\x32\x14.dataengine.v1.Stage\"Q\n\x0cReviewedMask\x12!\n\x04mask\x18\x01 \x01(\x0b\x32\x13.dataengine.v1.Mask\x12\x0e\n\x06\x61\x63\x63\x65pt\x18\x02 \x01(\x08\x12\x0e\n\x06origin\x18\x03 \x01(\t\"\xd0\x01\n\x0eReviewedPhrase\x12\x0e\n\x06phrase\x18\x01 \x01(\t\x12\x17\n\x0foriginal_phrase\x18\x02 \x01(\t\x12\x13\n\x0bis_negative\x18\x03 \x01(\x08\x12*\n\x05masks\x18\x04 \x03(\x0b\x32\x1b.dataengine.v1.ReviewedMask\x12\x17\n\nexhaustive\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x0cungroundable\x18\x06 \x01(\x08\x12\x16\n\x0enegative_check\x18\x07 \x01(\tB\r\n\x0b_exhaustive\"\xd4\x01\n\x13SubmitReviewRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x11\n\tannotator\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63\x63\x65pt\x18\x03 \x01(\x08\x12,\n\x07phrases\x18\x04 \x03(\x0b\x32\x1b.dataengine.v1.PhraseResult\x12\x13\n\x0blease_token\x18\x05 \x01(\t\x12/\n\x08reviewed\x18\x06 \x03(\x0b\x32\x1d.dataengine.v1.ReviewedPhrase\x12\x15\n\rseconds_spent\x18\x07 \x01(\x01\"G\n\x0cLeaseRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x11\n\tannotator\x18\x02 \x01(\t\x12\x13\n\x0blease_token\x18\x03 \x01(\t\"\x17\n\x15\x41nnotatorStatsRequest\"\x82\x02\n\x10\x41nnotatorFigures\x12\x11\n\tannotator\x18\x01 \x01(\t\x12\r\n\x05items\x18\x02 \x01(\x03\x12\r\n\x05masks\x18\x03 \x01(\x03\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x16\n\x0eitems_per_hour\x18\x05 \x01(\x01\x12\x16\n\x0emasks_per_hour\x18\x06 \x01(\x01\x12\x18\n\x10seconds_per_item\x18\x07 \x01(\x01\x12\x18\n\x10seconds_per_mask\x18\x08 \x01(\x01\x12\x0e\n\x06\x61udits\x18\t \x01(\x03\x12 \n\x18\x61udit_decision_agreement\x18\n \x01(\x01\x12\x16\n\x0e\x61udit_mask_iou\x18\x0b \x01(\x01\"M\n\x16\x41nnotatorStatsResponse\x12\x33\n\nannotators\x18\x01 \x03(\x0b\x32\x1f.dataengine.v1.AnnotatorFigures\"/\n\rExportRequest\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\"-\n\x0e\x45xportResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\r\n\x05items\x18\x02 \x01(\x03\x32\xdf\x05\n\x0cOrchestrator\x12\x45\n\x06Submit\x12\x1c.dataengine.v1.SubmitRequest\x1a\x1d.dataengine.v1.SubmitResponse\x12=\n\x07GetItem\x12\x1d.dataengine.v1.GetItemRequest\x1a\x13.dataengine.v1.Item\x12N\n\tListItems\x12\x1f.dataengine.v1.ListItemsRequest\x1a .dataengine.v1.ListItemsResponse\x12\x42\n\x05Stats\x12\x1b.dataengine.v1.StatsRequest\x1a\x1c.dataengine.v1.StatsResponse\x12\x43\n\nNextReview\x12 .dataengine.v1.NextReviewRequest\x1a\x13.dataengine.v1.Item\x12G\n\x0cSubmitReview\x12\".dataengine.v1.SubmitReviewRequest\x1a\x13.dataengine.v1.Item\x12>\n\tHeartbeat\x12\x1b.dataengine.v1.LeaseRequest\x1a\x14.dataengine.v1.Lease\x12\x41\n\rReleaseReview\x12\x1b.dataengine.v1.LeaseRequest\x1a\x13.dataengine.v1.Item\x12]\n\x0e\x41nnotatorStats\x12$.dataengine.v1.AnnotatorStatsRequest\x1a%.dataengine.v1.AnnotatorStatsResponse\x12\x45\n\x06\x45xport\x12\x1c.dataengine.v1.ExportRequest\x1a\x1d.dataengine.v1.ExportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dataengine.v1.orchestrator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ITEM_MODELSENTRY']._loaded_options = None
+  _globals['_ITEM_MODELSENTRY']._serialized_options = b'8\001'
   _globals['_SUBMITREQUEST']._serialized_start=79
   _globals['_SUBMITREQUEST']._serialized_end=194
   _globals['_SUBMITRESPONSE']._serialized_start=196
@@ -41,39 +43,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LEASE']._serialized_start=498
   _globals['_LEASE']._serialized_end=596
   _globals['_ITEM']._serialized_start=599
-  _globals['_ITEM']._serialized_end=994
-  _globals['_GETITEMREQUEST']._serialized_start=996
-  _globals['_GETITEMREQUEST']._serialized_end=1029
-  _globals['_LISTITEMSREQUEST']._serialized_start=1032
-  _globals['_LISTITEMSREQUEST']._serialized_end=1167
-  _globals['_LISTITEMSRESPONSE']._serialized_start=1169
-  _globals['_LISTITEMSRESPONSE']._serialized_end=1249
-  _globals['_STATSREQUEST']._serialized_start=1251
-  _globals['_STATSREQUEST']._serialized_end=1265
-  _globals['_COUNTBYKEY']._serialized_start=1267
-  _globals['_COUNTBYKEY']._serialized_end=1307
-  _globals['_STATSRESPONSE']._serialized_start=1310
-  _globals['_STATSRESPONSE']._serialized_end=1580
-  _globals['_NEXTREVIEWREQUEST']._serialized_start=1582
-  _globals['_NEXTREVIEWREQUEST']._serialized_end=1657
-  _globals['_REVIEWEDMASK']._serialized_start=1659
-  _globals['_REVIEWEDMASK']._serialized_end=1740
-  _globals['_REVIEWEDPHRASE']._serialized_start=1743
-  _globals['_REVIEWEDPHRASE']._serialized_end=1951
-  _globals['_SUBMITREVIEWREQUEST']._serialized_start=1954
-  _globals['_SUBMITREVIEWREQUEST']._serialized_end=2166
-  _globals['_LEASEREQUEST']._serialized_start=2168
-  _globals['_LEASEREQUEST']._serialized_end=2239
-  _globals['_ANNOTATORSTATSREQUEST']._serialized_start=2241
-  _globals['_ANNOTATORSTATSREQUEST']._serialized_end=2264
-  _globals['_ANNOTATORFIGURES']._serialized_start=2267
-  _globals['_ANNOTATORFIGURES']._serialized_end=2525
-  _globals['_ANNOTATORSTATSRESPONSE']._serialized_start=2527
-  _globals['_ANNOTATORSTATSRESPONSE']._serialized_end=2604
-  _globals['_EXPORTREQUEST']._serialized_start=2606
-  _globals['_EXPORTREQUEST']._serialized_end=2653
-  _globals['_EXPORTRESPONSE']._serialized_start=2655
-  _globals['_EXPORTRESPONSE']._serialized_end=2700
-  _globals['_ORCHESTRATOR']._serialized_start=2703
-  _globals['_ORCHESTRATOR']._serialized_end=3438
+  _globals['_ITEM']._serialized_end=1113
+  _globals['_ITEM_MODELSENTRY']._serialized_start=1068
+  _globals['_ITEM_MODELSENTRY']._serialized_end=1113
+  _globals['_GETITEMREQUEST']._serialized_start=1115
+  _globals['_GETITEMREQUEST']._serialized_end=1148
+  _globals['_LISTITEMSREQUEST']._serialized_start=1151
+  _globals['_LISTITEMSREQUEST']._serialized_end=1286
+  _globals['_LISTITEMSRESPONSE']._serialized_start=1288
+  _globals['_LISTITEMSRESPONSE']._serialized_end=1368
+  _globals['_STATSREQUEST']._serialized_start=1370
+  _globals['_STATSREQUEST']._serialized_end=1384
+  _globals['_COUNTBYKEY']._serialized_start=1386
+  _globals['_COUNTBYKEY']._serialized_end=1426
+  _globals['_STATSRESPONSE']._serialized_start=1429
+  _globals['_STATSRESPONSE']._serialized_end=1699
+  _globals['_NEXTREVIEWREQUEST']._serialized_start=1701
+  _globals['_NEXTREVIEWREQUEST']._serialized_end=1776
+  _globals['_REVIEWEDMASK']._serialized_start=1778
+  _globals['_REVIEWEDMASK']._serialized_end=1859
+  _globals['_REVIEWEDPHRASE']._serialized_start=1862
+  _globals['_REVIEWEDPHRASE']._serialized_end=2070
+  _globals['_SUBMITREVIEWREQUEST']._serialized_start=2073
+  _globals['_SUBMITREVIEWREQUEST']._serialized_end=2285
+  _globals['_LEASEREQUEST']._serialized_start=2287
+  _globals['_LEASEREQUEST']._serialized_end=2358
+  _globals['_ANNOTATORSTATSREQUEST']._serialized_start=2360
+  _globals['_ANNOTATORSTATSREQUEST']._serialized_end=2383
+  _globals['_ANNOTATORFIGURES']._serialized_start=2386
+  _globals['_ANNOTATORFIGURES']._serialized_end=2644
+  _globals['_ANNOTATORSTATSRESPONSE']._serialized_start=2646
+  _globals['_ANNOTATORSTATSRESPONSE']._serialized_end=2723
+  _globals['_EXPORTREQUEST']._serialized_start=2725
+  _globals['_EXPORTREQUEST']._serialized_end=2772
+  _globals['_EXPORTRESPONSE']._serialized_start=2774
+  _globals['_EXPORTRESPONSE']._serialized_end=2819
+  _globals['_ORCHESTRATOR']._serialized_start=2822
+  _globals['_ORCHESTRATOR']._serialized_end=3557
 # @@protoc_insertion_point(module_scope)

@@ -60,7 +60,14 @@ class Lease(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., annotator: _Optional[str] = ..., token: _Optional[str] = ..., claimed_at: _Optional[float] = ..., expires_at: _Optional[float] = ...) -> None: ...
 
 class Item(_message.Message):
-    __slots__ = ("item_id", "source", "stage", "state", "reason", "phrases", "grid_masks", "score", "image_key", "embedding_key", "height", "width", "lease", "band", "audit_of", "reviewer")
+    __slots__ = ("item_id", "source", "stage", "state", "reason", "phrases", "grid_masks", "score", "image_key", "embedding_key", "height", "width", "lease", "band", "audit_of", "reviewer", "models", "failure_modes")
+    class ModelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +84,8 @@ class Item(_message.Message):
     BAND_FIELD_NUMBER: _ClassVar[int]
     AUDIT_OF_FIELD_NUMBER: _ClassVar[int]
     REVIEWER_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_MODES_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     source: str
     stage: _common_pb2.Stage
@@ -93,7 +102,9 @@ class Item(_message.Message):
     band: str
     audit_of: str
     reviewer: str
-    def __init__(self, item_id: _Optional[str] = ..., source: _Optional[str] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., state: _Optional[_Union[_common_pb2.ItemState, str]] = ..., reason: _Optional[str] = ..., phrases: _Optional[_Iterable[_Union[PhraseResult, _Mapping]]] = ..., grid_masks: _Optional[_Iterable[_Union[_common_pb2.Mask, _Mapping]]] = ..., score: _Optional[float] = ..., image_key: _Optional[str] = ..., embedding_key: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., band: _Optional[str] = ..., audit_of: _Optional[str] = ..., reviewer: _Optional[str] = ...) -> None: ...
+    models: _containers.ScalarMap[str, str]
+    failure_modes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_id: _Optional[str] = ..., source: _Optional[str] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., state: _Optional[_Union[_common_pb2.ItemState, str]] = ..., reason: _Optional[str] = ..., phrases: _Optional[_Iterable[_Union[PhraseResult, _Mapping]]] = ..., grid_masks: _Optional[_Iterable[_Union[_common_pb2.Mask, _Mapping]]] = ..., score: _Optional[float] = ..., image_key: _Optional[str] = ..., embedding_key: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., band: _Optional[str] = ..., audit_of: _Optional[str] = ..., reviewer: _Optional[str] = ..., models: _Optional[_Mapping[str, str]] = ..., failure_modes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetItemRequest(_message.Message):
     __slots__ = ("item_id",)
