@@ -72,7 +72,21 @@ def human_examples(store: ObjectStore) -> Gathered:
     return out
 
 
-def _store(run: Path | None) -> ObjectStore:
+def measure(loaded, examples: list, name: str) -> dict:
+    """``mask_eval.evaluate`` of ``loaded`` on ``examples`` (JSON figures); FailedPrecondition when
+    their embeddings are of another encoder than the checkpoint reads."""
+    from services.decoder.mask_eval import evaluate
+    from services.decoder.prompting import prepare
+
+    others = {e.embedding.model_id for e in examples} - {loaded.encoder_id}
+    if others:
+        raise FailedPrecondition(f"{name}: the store's embeddings are of encoder {', '.join(sorted(others))}, "
+                                 f"not this checkpoint's {loaded.encoder_id}")
+    return evaluate(loaded.model, [prepare(loaded.model, e, loaded.device) for e in examples]).to_json()
+
+
+def open_run_store(run: Path | None) -> ObjectStore:
+    """The store of a `dataengine run --out` folder, else the one the settings name."""
     if run is None:
         return open_store(make_settings())
     from services.orchestrator.embedded import STORE_DIR
@@ -116,7 +130,7 @@ def train_decoder(
                              train_prompt_encoder=prompt_encoder, seed=seed)
     except ValueError as exc:
         fail(str(exc))
-    store = _store(run)
+    store = open_run_store(run)
     try:
         gathered = human_examples(store)
         loaded, base = _load(model_type, checkpoint, device)
@@ -154,13 +168,11 @@ def eval_masks(
 ) -> None:
     """mIoU and boundary IoU of one click, three clicks and a box against the human masks of the
     held-out items, per checkpoint; JSON on stdout."""
-    from services.decoder.finetune import held_out
-    from services.decoder.mask_eval import evaluate
-    from services.decoder.prompting import prepare
+    from services.common.splits import held_out
 
     if not 0.0 < holdout < 1.0:
         fail(f"--holdout must be in (0, 1), got {holdout}")
-    store = _store(run)
+    store = open_run_store(run)
     results = {}
     try:
         gathered = human_examples(store)
@@ -170,13 +182,7 @@ def eval_masks(
                                      f"none held out at --holdout {holdout}){_skipped(gathered)}")
         for path in checkpoints:
             loaded, _ = _load(model_type, path, device)
-            encoder = loaded.encoder_id
-            others = {e.embedding.model_id for e in examples} - {encoder}
-            if others:
-                raise FailedPrecondition(f"{path}: the store's embeddings are of encoder {', '.join(sorted(others))}, "
-                                         f"not this checkpoint's {encoder}")
-            targets = [prepare(loaded.model, e, loaded.device) for e in examples]
-            results[str(path)] = evaluate(loaded.model, targets).to_json()
+            results[str(path)] = measure(loaded, examples, str(path))
             console.print(f"{path}: one click mIoU {results[str(path)]['one_click']['miou']:.4f}")
     except DataEngineError as exc:
         fail(str(exc), code=1)

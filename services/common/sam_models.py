@@ -18,6 +18,7 @@ from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncod
 
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.model_card import read_card
+from services.common.promotion import read_promoted
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,34 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# The image encoder's patch-embedding width names the variant a state dict is of.
+_EMBED_DIMS = {1280: "vit_h", 1024: "vit_l", 768: "vit_b", 48: "tiny"}
+_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+
+
+def read_state_dict(path: Path, model_type: str, device: torch.device | str = "cpu") -> dict:
+    """The SAM state dict in ``path``, checked to be one of ``model_type``; FailedPrecondition naming
+    what is wrong: unreadable or truncated, not a SAM state dict, or another variant (weights
+    missing or of another shape are named when the network loads it, in ``load_sam``)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise FailedPrecondition(f"{path} cannot be read as a PyTorch checkpoint (truncated or not one): "
+                                 f"{str(exc)[:200]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FailedPrecondition(f"{path} is not a SAM state dict (it holds a {type(state).__name__} "
+                                 "that is not a mapping of names to tensors)")
+    if not all(any(k.startswith(part) for k in state) for part in _PARTS):
+        raise FailedPrecondition(f"{path} is not a SAM state dict: it lacks image_encoder, prompt_encoder or "
+                                 "mask_decoder weights")
+    width = state.get("image_encoder.patch_embed.proj.weight")
+    variant = _EMBED_DIMS.get(int(width.shape[0])) if width is not None and width.ndim else None
+    if variant is not None and variant != model_type:
+        raise FailedPrecondition(f"{path} is a {variant} checkpoint, not {model_type}: set the model type to "
+                                 f"{variant} or give a {model_type} checkpoint")
+    return state
+
+
 def load_sam(model_type: str, checkpoint: Path | str, device: str = "cpu") -> LoadedSam:
     """Build ``model_type`` from the registry and load ``checkpoint`` (a state-dict file) onto ``device``."""
     if model_type not in MODEL_BUILDERS:
@@ -118,12 +147,13 @@ def load_sam(model_type: str, checkpoint: Path | str, device: str = "cpu") -> Lo
             hint = f"; download it with `dataengine models fetch {model_type}`"
         raise FailedPrecondition(f"SAM checkpoint {path} not found{hint}")
     dev = resolve_device(device)
+    state = read_state_dict(path, model_type, dev)  # before building: a vit_h network is 2.5 GB
     model = MODEL_BUILDERS[model_type]()
     try:
-        state = torch.load(path, map_location=dev, weights_only=True)
         model.load_state_dict(state)
-    except Exception as exc:
-        raise FailedPrecondition(f"{path} is not a {model_type} SAM checkpoint: {exc}") from exc
+    except RuntimeError as exc:  # missing, unexpected or other-shaped weights
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise FailedPrecondition(f"{path} is not a {model_type} SAM checkpoint: {' '.join(lines[:3])[:300]}") from None
     model.to(dev).eval()
     sha = file_sha256(path)
     own = f"{model_type}-{sha[:12]}"
@@ -143,9 +173,13 @@ def save_random_checkpoint(model_type: str, path: Path, seed: int = 0) -> Path:
 
 
 def checkpoint_path(model_type: str, checkpoint: Path | None, models_dir: Path) -> Path:
-    """The checkpoint to load: the one given, else the official file in ``models_dir``."""
+    """The checkpoint to load: the one given, else the promoted one of ``models_dir``
+    (``dataengine models promote``), else the official file in ``models_dir``."""
     if checkpoint is not None:
         return Path(checkpoint).expanduser()
+    promoted = read_promoted(models_dir, model_type)
+    if promoted is not None:
+        return promoted[1]
     if model_type not in OFFICIAL_CHECKPOINTS:
         raise FailedPrecondition(f"model type {model_type!r} has no official checkpoint; give one by path")
     return Path(models_dir).expanduser() / OFFICIAL_CHECKPOINTS[model_type].filename

@@ -66,13 +66,6 @@ class TrainConfig:
         return asdict(self)
 
 
-def held_out(item_id: str, fraction: float) -> bool:
-    """Whether ``item_id`` belongs to the held-out split: the first 8 bytes of its SHA-256 as a
-    number in [0, 1) below ``fraction``. The same for every run, machine and store order."""
-    value = int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big") / 2 ** 64
-    return value < fraction
-
-
 def trained_modules(sam: Sam, config: TrainConfig) -> dict[str, torch.nn.Module]:
     modules = {"mask_decoder": sam.mask_decoder}
     if config.train_prompt_encoder:

@@ -18,7 +18,8 @@ import torch
 from services.common.errors import FailedPrecondition
 from services.common.model_card import ModelCard, card_path
 from services.common.sam_models import LoadedSam, file_sha256
-from services.decoder.finetune import (Progress, TrainConfig, TrainState, fingerprint, held_out,
+from services.common.splits import held_out
+from services.decoder.finetune import (Progress, TrainConfig, TrainState, fingerprint,
                                        load_state, make_optimizer, run_epoch, save_checkpoint, save_state)
 from services.decoder.mask_eval import evaluate
 from services.decoder.prompting import Example, prepare

@@ -23,7 +23,8 @@ LABEL_HELP = "A noun phrase known to be in the images (repeat for more); the off
 STAGE_HELP = "1 assisted_manual, 2 semi_automatic or 3 fully_automatic."
 
 
-def _amg(text: str | None) -> dict | None:
+def parse_amg(text: str | None) -> dict | None:
+    """``--amg-params`` JSON as a dict (None when not given); exits naming the problem."""
     if text is None:
         return None
     try:
@@ -64,7 +65,7 @@ def run(
     """
     from services.orchestrator.embedded import EmbeddedEngine
 
-    settings = make_settings(model_type=model_type, checkpoint=checkpoint, device=device, amg_params=_amg(amg_params),
+    settings = make_settings(model_type=model_type, checkpoint=checkpoint, device=device, amg_params=parse_amg(amg_params),
                              grounding_backend=grounding, grounding_model_dir=grounding_model_dir,
                              grounding_vocabulary=grounding_vocabulary)
     chosen_stage = _stage(stage)

@@ -18,7 +18,8 @@ import torch
 
 from services.common.errors import FailedPrecondition
 from services.common.sam_models import file_sha256, load_sam
-from services.decoder.finetune import STATE_FILE, TrainConfig, held_out
+from services.common.splits import held_out
+from services.decoder.finetune import STATE_FILE, TrainConfig
 from services.decoder.prompting import Example
 from services.common.model_card import card_path, read_card
 from services.decoder.training import train_decoder
