@@ -31,10 +31,12 @@ Aggregation (raw, i.e. uncalibrated):
 Calibrated (``settings.verifier_calibration``, fit by ``dataengine calibrate``): every scored unit
 has a feature vector (``FEATURES``): a mask its own, a pair or the grid the mean over its masks
 with ``raw_logit`` the logit of the unit's raw score. Each score is then the calibration's
-probability that a human accepts, applied to that unit's features: mask verdicts to their mask's,
-pairs (and exhaustivity verdicts) to the pair's or the grid's, and the item is still the minimum
-over its positive pairs. A score fixed by rule (ungroundable 0, the hard-negative prior) is not
-calibrated.
+probability that a human accepts, applied to that unit's features with the model of its check
+(``calibration.MODEL_CHECKS``; a file without that model falls back, ``calibration.FALLBACK``):
+mask verdicts the "mask" model on their mask's features; exhaustivity verdicts the "exhaustivity"
+model on the grid's; pair scores (a pair's masks, or the grid for an ungrounded label) and the
+grid-quality item score the "item" model; the item is still the minimum over its positive pairs.
+A score fixed by rule (ungroundable 0, the hard-negative prior) is not calibrated.
 """
 
 from __future__ import annotations
@@ -120,8 +122,9 @@ def summarize(masks: Sequence[MaskEvidence]) -> Evidence:
 
 
 class Calibrator(Protocol):
-    def probability(self, features: np.ndarray) -> float:
-        """P(a human accepts) of a unit with ``features`` (shape (len(FEATURES),)), in [0, 1]."""
+    def probability(self, features: np.ndarray, check: str) -> float:
+        """P(a human accepts) of a unit with ``features`` (shape (len(FEATURES),)), in [0, 1], for
+        ``check``: "item" (pair and item scores), "mask" (a mask verdict) or "exhaustivity"."""
         ...
 
 
@@ -149,13 +152,14 @@ class HeuristicVerifier:
         it is missing or malformed)."""
         if settings.verifier_calibration is None:
             return cls()
-        from services.verifier.calibration import Calibration
+        from services.verifier.calibration import CalibrationFile
 
-        return cls(calibration=Calibration.load(settings.verifier_calibration))
+        return cls(calibration=CalibrationFile.load(settings.verifier_calibration))
 
-    def score(self, unit: Evidence) -> float:
-        """The unit's score: its calibrated probability, or its raw score without a calibration."""
-        return unit.raw if self.calibration is None else self.calibration.probability(unit.features)
+    def score(self, unit: Evidence, check: str = "item") -> float:
+        """The unit's score: its calibrated probability for ``check`` ("item": a pair or item
+        score, "mask", "exhaustivity": a verdict), or its raw score without a calibration."""
+        return unit.raw if self.calibration is None else self.calibration.probability(unit.features, check)
 
     def grid_evidence(self, grid_masks: Sequence[MaskRecord]) -> Evidence | None:
         """The ``top_k`` best grid masks (by raw) as one unit; None without grid masks."""
@@ -196,13 +200,14 @@ class HeuristicVerifier:
         elif check == "exhaustivity":
             unit = grid()
             score = self.score(unit) if unit is not None else 0.0
-            choice = _choice(score) if unit is not None else "ungroundable"
-            verdicts = [Verdict("exhaustivity", choice, score, self.source, pair.phrase)]
+            exhaustive = self.score(unit, "exhaustivity") if unit is not None else 0.0
+            choice = _choice(exhaustive) if unit is not None else "ungroundable"
+            verdicts = [Verdict("exhaustivity", choice, exhaustive, self.source, pair.phrase)]
         else:
             masks, unit = self._masks(pair)
             verdicts = []
             for i, mask in enumerate(masks):
-                s = self.score(mask.evidence())
+                s = self.score(mask.evidence(), "mask")
                 choice = "whole_image" if mask.geometry.area_fraction > AREA_HIGH else _choice(s)
                 verdicts.append(Verdict("mask", choice, s, self.source, pair.phrase, [i]))
             score = self.score(unit)  # raw: the mean of the mask verdicts

@@ -1,6 +1,8 @@
 """Calibration of the heuristic verifier: the fit repairs a known mis-calibration, the file round
-trips and is loaded through the settings, bad files and bad training data are refused by name,
-training examples are read from reviewed manifests, and `dataengine calibrate` ties it together."""
+trips and is loaded through the settings (a version-1 file scores as it always did), bad files and
+bad training data are refused by name, training examples are read from reviewed manifests, and
+`dataengine calibrate` ties it together. The MV/EV loop with held-out figures:
+test_calibration_loop.py."""
 
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from services.common.settings import Settings
 from services.common.storage import LocalStore
 from services.orchestrator.model import Item, ItemState, PhraseResult, manifest_key
 from services.verifier.calibrate_command import register
-from services.verifier.calibration import (Calibration, Examples, brier, ece, examples_from_jsonl,
-                                           examples_from_store, fit)
+from services.verifier.calibration import Calibration, CalibrationFile, Examples, brier, ece, fit
+from services.verifier.calibration_data import examples_from_jsonl, examples_from_store
 from services.verifier.core import PhrasePair, VerifierCore
 from services.verifier.eval_command import register as register_eval
 from services.verifier.heuristic import FEATURES, HeuristicVerifier, logit
@@ -38,6 +40,13 @@ def _hand_made() -> Calibration:
     """p = sigmoid(-1 + 0.5 raw_logit + 2 area_fraction): two features, so their order matters."""
     coefficients = {name: 0.0 for name in FEATURES} | {"raw_logit": 0.5, "area_fraction": 2.0}
     return Calibration(tuple(coefficients[f] for f in FEATURES), -1.0, {"n": 10, "accepted": 5, "discarded": 5})
+
+
+def v1_document(calibration: Calibration) -> dict:
+    """``calibration`` as a version-1 file (one model, written before per-check models) held it."""
+    return {"kind": "dataengine.verifier.calibration", "version": 1, "backend": "heuristic", "formula_version": 2,
+            "features": list(FEATURES), "coefficients": list(calibration.coefficients),
+            "intercept": calibration.intercept, "counts": calibration.counts, "ece_bins": 10, "metrics": {}}
 
 
 def _distorted(n: int, seed: int = 0) -> tuple[Examples, np.ndarray]:
@@ -100,25 +109,30 @@ def test_small_sets_get_no_cross_validation():
 # -- the file ---------------------------------------------------------------------------------
 
 def test_save_and_load_round_trip(tmp_path):
-    calibration, _ = fit(_distorted(200)[0])
+    calibration = CalibrationFile({"item": fit(_distorted(200)[0])[0], "mask": _hand_made()}, {"holdout": 0.2})
     path = tmp_path / "sub" / "calibration.json"
     calibration.save(path)
-    assert Calibration.load(path) == calibration
+    assert CalibrationFile.load(path) == calibration
     doc = json.loads(path.read_text())
-    assert doc["features"] == list(FEATURES) and doc["ece_bins"] == 10 and doc["counts"]["n"] == 200
+    assert doc["version"] == 2 and doc["features"] == list(FEATURES) and doc["ece_bins"] == 10
+    assert doc["models"]["item"]["counts"]["n"] == 200 and set(doc["models"]) == {"item", "mask"}
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_features_in_another_order_are_matched_by_name(tmp_path):
-    doc = _hand_made().to_json()
-    doc["features"], doc["coefficients"] = doc["features"][::-1], doc["coefficients"][::-1]
+@pytest.mark.parametrize("version", [1, 2])
+def test_features_in_another_order_are_matched_by_name(tmp_path, version):
+    doc = v1_document(_hand_made()) if version == 1 else CalibrationFile({"exhaustivity": _hand_made()}).to_json()
+    model = doc if version == 1 else doc["models"]["exhaustivity"]
+    doc["features"], model["coefficients"] = doc["features"][::-1], model["coefficients"][::-1]
     (tmp_path / "c.json").write_text(json.dumps(doc))
-    assert Calibration.load(tmp_path / "c.json").coefficients == _hand_made().coefficients
+    loaded = CalibrationFile.load(tmp_path / "c.json")
+    assert list(loaded.models) == ["item" if version == 1 else "exhaustivity"]
+    assert next(iter(loaded.models.values())).coefficients == _hand_made().coefficients
 
 
-def test_a_calibrated_core_scores_with_the_calibration(tmp_path):
+def test_a_version_1_file_still_scores_every_check_with_its_one_model(tmp_path):
     path = tmp_path / "calibration.json"
-    _hand_made().save(path)
+    path.write_text(json.dumps(v1_document(_hand_made())))
     settings = Settings(store="local", store_root=tmp_path / "store", verifier_calibration=path)
     pairs = [PhrasePair("car", [mask(0.9, 0.9), mask(0.5, 1.0, seed=3)]), PhrasePair("sky"),
              PhrasePair("truck", is_negative=True)]
@@ -140,7 +154,11 @@ def test_a_calibrated_core_scores_with_the_calibration(tmp_path):
 
 
 def _good() -> dict:
-    return _hand_made().to_json()
+    return v1_document(_hand_made())
+
+
+def _good_v2(**models) -> dict:
+    return {**CalibrationFile({"item": _hand_made()}).to_json(), **({"models": models} if models else {})}
 
 
 # the file's text (None: no file) -> a phrase the error must contain
@@ -149,7 +167,12 @@ BAD_FILES = {
     "not JSON": ("{", "is not JSON"),
     "a list": ("[]", "not a calibration file"),
     "another kind": (json.dumps({**_good(), "kind": "x"}), "not a calibration file"),
-    "future format": (json.dumps({**_good(), "version": 2}), "format version 2"),
+    "future format": (json.dumps({**_good(), "version": 3}), "format version 3"),
+    "v2 without models": (json.dumps({**_good_v2(), "models": {}}), "'models' must map some of"),
+    "v2 unknown model": (json.dumps(_good_v2(colour=_hand_made().to_json())), "'models' must map some of"),
+    "v2 model not an object": (json.dumps(_good_v2(mask=[1.0])), "model 'mask' is not an object"),
+    "v2 short model": (json.dumps(_good_v2(mask={**_hand_made().to_json(), "coefficients": [1.0]})),
+                       "model 'mask': 'coefficients'"),
     "another backend": (json.dumps({**_good(), "backend": "openai"}), "for backend 'openai'"),
     "old formula": (json.dumps({**_good(), "formula_version": 1}), "heuristic formula version 1"),
     "a feature missing": (json.dumps({**_good(), "features": list(FEATURES[:-1])}), "its features are"),
@@ -270,19 +293,23 @@ def test_calibrate_fits_on_the_stores_reviews_and_the_verifier_loads_it(app, env
     _reviewed(store)
     _item(store, "auto", ItemState.ACCEPTED, [mask(0.95, 1.0)], reviewer="")
     out = tmp_path / "calibration.json"
-    result = runner.invoke(app, ["calibrate", "--out", str(out)], env=env)
+    # 14 reviews are too few to hold some out: fit on all of them, as before held-out splits
+    result = runner.invoke(app, ["calibrate", "--out", str(out), "--labels", "items", "--holdout", "0"], env=env)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert (report["n"], report["accepted"], report["discarded"]) == (14, 8, 6)
-    assert report["sources"] == {"store": 14} and report["skipped"] == {"not reviewed by a human": 1}
-    assert report["ece_bins"] == 10 and report["out"] == str(out)
-    assert report["after"]["brier"] < report["before"]["brier"]
-    calibration = Calibration.load(out)
-    assert calibration.counts == {"n": 14, "accepted": 8, "discarded": 6}
+    item = report["checks"]["item"]
+    assert (item["n"], item["accepted"], item["discarded"]) == (14, 8, 6) and item["held_out"] is None
+    assert report["sources"] == {"store": 14} and report["skipped"] == {"store": {"not reviewed by a human": 1}}
+    assert report["ece_bins"] == 10 and report["out"] == str(out) and report["holdout"] == 0
+    assert item["train"]["after"]["brier"] < item["train"]["before"]["brier"]
+    assert report["applies"] == {"item": "item", "mask": "item", "exhaustivity": "item"}  # one model scores all
+    calibration = CalibrationFile.load(out)
+    assert list(calibration.models) == ["item"]
+    assert calibration.models["item"].counts == {"n": 14, "accepted": 8, "discarded": 6}
     core = VerifierCore.from_settings(settings.model_copy(update={"verifier_calibration": out}))
     pairs = [PhrasePair("car", [mask(0.5, 1.0)])]
     assert core.verify(pairs).score == pytest.approx(
-        calibration.probability(HeuristicVerifier().item_features(pairs, [])))
+        calibration.models["item"].probability(HeuristicVerifier().item_features(pairs, [])))
 
 
 def test_calibrate_adds_jsonl_records_to_the_store_or_replaces_it(app, env, tmp_path):
@@ -292,17 +319,21 @@ def test_calibrate_adds_jsonl_records_to_the_store_or_replaces_it(app, env, tmp_
     _jsonl(tmp_path / "t.jsonl", records)
     _reviewed(LocalStore(tmp_path / "store" / "dataengine"))
     out = str(tmp_path / "c.json")
-    only = runner.invoke(app, ["calibrate", "--out", out, "--items", str(tmp_path / "t.jsonl")], env=env)
+    jsonl = ["--items", str(tmp_path / "t.jsonl"), "--holdout", "0"]
+    only = runner.invoke(app, ["calibrate", "--out", out, *jsonl], env=env)
     assert only.exit_code == 0, only.output
     assert json.loads(only.stdout)["sources"] == {"jsonl": 30}
-    both = runner.invoke(app, ["calibrate", "--out", out, "--items", str(tmp_path / "t.jsonl"), "--store"], env=env)
+    both = runner.invoke(app, ["calibrate", "--out", out, *jsonl, "--store", "--labels", "items"], env=env)
     assert both.exit_code == 0, both.output
-    assert json.loads(both.stdout)["n"] == 44 and json.loads(both.stdout)["sources"] == {"store": 14, "jsonl": 30}
+    report = json.loads(both.stdout)
+    assert report["checks"]["item"]["n"] == 44 and report["sources"] == {"store": 14, "jsonl": 30}
 
 
 @pytest.mark.parametrize("args, code, phrase", [
     (["--no-store"], 2, "nothing to fit on"),
     ([], 1, "at least 10 reviewed items, got 3"),  # the store has only three reviews
+    (["--labels", "items,colour"], 2, "--labels must be a comma list of items, masks, phrases"),
+    (["--holdout", "1"], 2, "--holdout must be in [0, 1), got 1.0"),
     (["--items", "nowhere.jsonl"], 1, "cannot read training items nowhere.jsonl"),
 ])
 def test_calibrate_fails_clearly(app, env, tmp_path, args, code, phrase):
