@@ -11,7 +11,7 @@ import typer
 from services.cli_common import collect_images, fail as _fail, progress as _progress, settings as _settings
 from services.common.errors import DataEngineError
 from services.concepts import commands as concepts_commands
-from services import model_commands, studio_commands, train_commands
+from services import mining_command, model_commands, studio_commands, train_commands
 from services.orchestrator import commands
 from services.verifier import calibrate_command, eval_command
 
@@ -131,6 +131,7 @@ eval_command.register(app)
 studio_commands.register(app)
 train_commands.register(app)
 model_commands.register(app, models_app)
+mining_command.register(app)
 
 if __name__ == "__main__":
     app()

@@ -88,6 +88,16 @@ class Settings(BaseSettings):
     # human-accepted items goes to a second annotator (audit)
     review_lease_s: float = Field(600.0, gt=0)
     audit_rate: float = Field(0.05, ge=0.0, le=1.0)
+    # Active mining (services/common/failure_modes.py): the bars of the failure modes of an item routed
+    # to a human, and the review queue's weights over them as JSON ('{"rare_phrase": 2}'; {} = defaults)
+    mining_low_mask_score: float = Field(0.7, ge=0.0, le=1.0)  # a mask verdict below: low_mask_quality
+    mining_exhaustive_score: float = Field(0.9, ge=0.0, le=1.0)  # an exhaustivity verdict below: in doubt
+    mining_negative_present_score: float = Field(0.5, ge=0.0, le=1.0)  # a hard negative's P(absent) below
+    mining_crowded_instances: int = Field(20, ge=1)  # instance masks over the positives: crowded_scene
+    mining_crowded_grid_masks: int = Field(100, ge=1)  # or automatic grid masks
+    mining_small_area_fraction: float = Field(0.001, ge=0.0, le=1.0)  # a mask smaller (share of the image)
+    mining_rare_phrase_items: int = Field(3, ge=0)  # a phrase fewer items carry: rare_phrase (0: never)
+    mining_weights: dict[str, float] = Field(default_factory=dict)
     # Studio: its HTTP port, and in a deployment the gRPC servers it is a client of
     studio_port: int = 8080
     orchestrator_address: str = "localhost:50055"
@@ -134,6 +144,13 @@ class Settings(BaseSettings):
         from services.decoder.params import params_from_json
 
         params_from_json(self.amg_params)  # InvalidInput (a ValueError) names the bad field
+        return self
+
+    @model_validator(mode="after")
+    def _check_mining_weights(self) -> "Settings":
+        from services.common.failure_modes import check_weights
+
+        check_weights(self.mining_weights)  # InvalidInput (a ValueError) names the bad key or weight
         return self
 
     @model_validator(mode="after")

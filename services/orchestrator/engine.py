@@ -25,6 +25,7 @@ from typing import Callable, Protocol, Sequence
 from services.common import keys
 from services.common.decoded import DecodeOutput
 from services.common.errors import InvalidInput, NotFound
+from services.common.failure_modes import MiningPolicy, MiningRecord
 from services.common.limits import Limits
 from services.common.masks import MaskRecord
 from services.common.metrics import ITEMS_SETTLED
@@ -34,6 +35,7 @@ from services.common.verdicts import Verification
 from services.common.review import ReviewSubmission
 from services.common.settings import Settings
 from services.orchestrator.index import Index, now, page
+from services.orchestrator.mining import assess
 from services.orchestrator.model import (DECODE, EMBED, PROPOSE, VERIFY, Item, ItemState, PhraseResult, Stage, Stats,
                                          item_id_for, manifest_key)
 from services.orchestrator.review import ReviewDesk, put_review_events
@@ -89,6 +91,7 @@ class Orchestrator:
     lease_s: float = 600.0  # a review claim without a heartbeat this long goes back to the queue
     audit_rate: float = 0.05  # share of human-accepted items a second annotator checks
     limits: Limits = field(default_factory=Limits)  # what a caller may send (Limits.from_settings)
+    mining: MiningPolicy = field(default_factory=MiningPolicy)  # failure modes and queue priority
 
     def __post_init__(self) -> None:
         self.desk = ReviewDesk(self, self.lease_s, self.audit_rate)
@@ -97,10 +100,10 @@ class Orchestrator:
     def from_settings(cls, settings: Settings, store: ObjectStore, index: Index, dispatcher: Dispatcher,
                       **more) -> "Orchestrator":
         """The orchestrator the settings describe (thresholds, AMG parameters, review lease and
-        audit, input limits) over these parts; ``more``: other fields (``queue_depths``)."""
+        audit, input limits, mining) over these parts; ``more``: other fields (``queue_depths``)."""
         return cls(store, index, dispatcher, Thresholds(settings.accept_threshold, settings.review_threshold),
                    dict(settings.amg_params), lease_s=settings.review_lease_s, audit_rate=settings.audit_rate,
-                   limits=Limits.from_settings(settings), **more)
+                   limits=Limits.from_settings(settings), mining=MiningPolicy.from_settings(settings), **more)
 
     # -- items -----------------------------------------------------------------------------------
 
@@ -256,6 +259,21 @@ class Orchestrator:
             f"verifier score {verification.score:.3f} "
             + ("below review threshold" if state == ItemState.REJECTED else "needs a human check"))
         item.move(state, reason)
+        self._mine(item)
+
+    def _mine(self, item: Item) -> None:
+        """Count the item's phrases into the store's phrase sets and, when it goes to a human, give
+        it its failure modes and queue priority; every routing is kept in ``item.mining``."""
+        positives = list(dict.fromkeys(p.phrase for p in item.phrases if not p.is_negative))
+        self.index.put_phrases(item.item_id, positives)
+        if item.state in (ItemState.REVIEW, ItemState.REJECTED):
+            grid = json.loads(self.store.get(item.grid_masks_key)).get("annotations", []) if item.grid_masks_key else []
+            record = assess(item, self.mining, len(grid), self.index.carriers(positives), now())
+            item.failure_modes = record.modes
+            item.priority = round(self.mining.urgency(item.score or 0.0, record.modes), 6)
+        else:  # accepted: nothing for a human to mine, but it counts among the decoder's routings
+            record = MiningRecord(item.models.get("decoder", ""), now(), item.state.name)
+        item.mining.append(record)
 
     # -- what next -------------------------------------------------------------------------------
 
@@ -303,8 +321,13 @@ class Orchestrator:
             except (ValueError, NotFound) as exc:
                 log.warning("skipping unreadable manifest %s: %s", key, exc)
                 continue
+            if item.priority is not None:  # the weights may have changed since it was routed
+                item.priority = round(self.mining.urgency(item.score or 0.0, item.failure_modes), 6)
             self.index.put(item)
             put_review_events(self.index, item)
+            if VERIFY in item.done:
+                self.index.put_phrases(item.item_id, list(dict.fromkeys(
+                    p.phrase for p in item.phrases if not p.is_negative)))
             if not item.settled:
                 unfinished.append(item)
         return unfinished

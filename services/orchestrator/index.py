@@ -25,7 +25,9 @@ class Index(Protocol):
     ids, lowest rank first. queued_since: the ``count`` longest-queued ids with the unix time they
     entered the queue (``Item.queued_at``), oldest first. claims: annotator -> {"item_id", "band", "expires_at"}, a hint of who
     holds what (the manifest's lease is the truth). review events: one entry per human review or
-    audit (``key`` makes re-adding one idempotent), what annotator figures are computed from."""
+    audit (``key`` makes re-adding one idempotent), what annotator figures are computed from.
+    phrases: which items' verified output carries each phrase (a set per phrase: putting an item
+    again changes nothing), for active mining's rare phrases; ``carriers`` counts them."""
 
     def put(self, item: Item) -> None: ...
     def queue(self) -> list[tuple[str, float]]: ...
@@ -38,6 +40,8 @@ class Index(Protocol):
     def counts(self) -> tuple[dict[str, int], dict[str, int]]: ...
     def add_dead_letter(self, entry: dict) -> None: ...
     def dead_letters(self) -> list[dict]: ...
+    def put_phrases(self, item_id: str, phrases: list[str]) -> None: ...
+    def carriers(self, phrases: list[str]) -> dict[str, int]: ...
     def lock(self, item_id: str): ...
     def clear(self) -> None: ...
 
@@ -60,6 +64,7 @@ class MemoryIndex:
         self._claims: dict[str, dict] = {}
         self._events: dict[str, dict] = {}
         self._dead: list[dict] = []
+        self._phrases: dict[str, set[str]] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -111,6 +116,13 @@ class MemoryIndex:
 
     def dead_letters(self) -> list[dict]:
         return list(self._dead)
+
+    def put_phrases(self, item_id: str, phrases: list[str]) -> None:
+        for phrase in phrases:
+            self._phrases.setdefault(phrase, set()).add(item_id)
+
+    def carriers(self, phrases: list[str]) -> dict[str, int]:
+        return {p: len(self._phrases.get(p, ())) for p in phrases}
 
     @contextmanager
     def lock(self, item_id: str) -> Iterator[None]:
@@ -229,6 +241,25 @@ class RedisIndex:
     def dead_letters(self) -> list[dict]:
         return [json.loads(e) for e in self._call("dead letters", lambda: self.redis.lrange(PREFIX + "dead", 0, -1))]
 
+    def put_phrases(self, item_id: str, phrases: list[str]) -> None:
+        if phrases:
+            def run():
+                pipe = self.redis.pipeline(transaction=False)
+                for phrase in phrases:
+                    pipe.sadd(PREFIX + "phrase:" + phrase, item_id)
+                pipe.execute()
+
+            self._call("put phrases", run)
+
+    def carriers(self, phrases: list[str]) -> dict[str, int]:
+        def run():
+            pipe = self.redis.pipeline(transaction=False)
+            for phrase in phrases:
+                pipe.scard(PREFIX + "phrase:" + phrase)
+            return dict(zip(phrases, pipe.execute()))
+
+        return self._call("phrase carriers", run) if phrases else {}
+
     @contextmanager
     def lock(self, item_id: str) -> Iterator[None]:
         """The item's lock, waiting up to ``lock_timeout_s`` for it. It lives ``lock_ttl_s`` and is
@@ -262,7 +293,7 @@ class RedisIndex:
 
     def clear(self) -> None:
         """Drop the state, stage and queue sets (``resume`` rebuilds them); dead letters, claims,
-        review events (re-put idempotently) and locks stay."""
+        review events and phrase sets (re-put idempotently) and locks stay."""
 
         def run():
             keys = [PREFIX + "meta", PREFIX + "queue", PREFIX + "queued_at"] + list(self.redis.scan_iter(PREFIX + "state:*")) + list(

@@ -13,6 +13,7 @@ from enum import IntEnum
 
 from services.common.keys import manifest_key, step_key  # noqa: F401 (re-exported)
 from services.common.errors import FailedPrecondition, InvalidInput
+from services.common.failure_modes import MiningRecord
 from services.common.masks import MaskRecord
 from services.common.review import Lease, ReviewRecord
 from services.common.verdicts import Verdict
@@ -172,8 +173,10 @@ class Item:
     skipped_by: annotators who skipped it: they get it again only when nothing else waits.
     models: the models that made the item's machine output: "encoder" (the encoder id its
         embeddings carry) and "decoder" (the decoder id of its masks), set as the steps report.
-    failure_modes: why the item needs a human (``mining.FAILURE_MODES``), set when it is routed to
-        review or the fix queue; the review queue orders by them.
+    failure_modes: why the item needs a human (``failure_modes.FAILURE_MODES``), set when it is
+        routed to review or the fix queue. priority: the urgency in [0, 1] they and the score give it
+        (``MiningPolicy.urgency``), which orders it in its band; None: by score alone.
+    mining: one record per routing by the verifier, kept across reruns (``dataengine mining``).
     """
 
     item_id: str
@@ -200,6 +203,8 @@ class Item:
     skipped_by: list[str] = field(default_factory=list)
     models: dict[str, str] = field(default_factory=dict)
     failure_modes: list[str] = field(default_factory=list)
+    priority: float | None = None
+    mining: list[MiningRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.history:
@@ -248,7 +253,7 @@ class Item:
             self.outputs.pop(step, None)
             self.timings.pop(step, None)
         self.grid_masks_key, self.phrases, self.score, self.lease = "", [], None, None
-        self.failure_modes = []
+        self.failure_modes, self.priority = [], None
         self.models.pop("decoder", None)
         self.state, self.reason = ItemState.EMBEDDED, reason
         self.history.append([ItemState.EMBEDDED.name, round(now, 3)])
@@ -268,10 +273,13 @@ class Item:
     @property
     def queue_rank(self) -> float | None:
         """Where the item stands in the review queue (lower first), None when not queued: the bands
-        in the order of QUEUE_BANDS, each lowest verifier score first."""
+        in the order of QUEUE_BANDS, each most urgent first (``priority``; without one, lowest
+        verifier score first). A band's ranks stay in [2 * its index, 2 * its index + 1]."""
         band = self.band
         if not band:
             return None
+        if self.priority is not None and band in ("review", "fix"):
+            return QUEUE_BANDS.index(band) * 2 + 1.0 - min(1.0, max(0.0, self.priority))
         score = min(1.0, max(0.0, self.score)) if self.score is not None else 0.0
         return QUEUE_BANDS.index(band) * 2 + score
 
@@ -291,7 +299,8 @@ class Item:
                 "timings": dict(self.timings), "lease": self.lease.to_json() if self.lease else None,
                 "reviews": [r.to_json() for r in self.reviews], "audit": self.audit,
                 "skipped_by": list(self.skipped_by), "models": dict(self.models),
-                "failure_modes": list(self.failure_modes)}
+                "failure_modes": list(self.failure_modes), "priority": self.priority,
+                "mining": [r.to_json() for r in self.mining]}
 
     @classmethod
     def from_json(cls, d: dict) -> "Item":
@@ -309,7 +318,9 @@ class Item:
                        reviews=[ReviewRecord.from_json(r) for r in d.get("reviews", [])],
                        audit=str(d.get("audit", "")), skipped_by=[str(a) for a in d.get("skipped_by", [])],
                        models={str(k): str(v) for k, v in d.get("models", {}).items()},
-                       failure_modes=[str(m) for m in d.get("failure_modes", [])])
+                       failure_modes=[str(m) for m in d.get("failure_modes", [])],
+                       priority=None if d.get("priority") is None else float(d["priority"]),
+                       mining=[MiningRecord.from_json(r) for r in d.get("mining", [])])
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"malformed item manifest {d.get('item_id', '?')!r}: {exc!r}") from None
 

@@ -157,4 +157,4 @@ def item_json(item: pb.Item, lease_s: float) -> dict:
             "width": item.width, "height": item.height, "image_url": f"/api/items/{item.item_id}/image",
             "lease": lease_json(Lease.from_proto(item.lease), lease_s) if item.HasField("lease") else None,
             "phrases": [phrase_json(p) for p in item.phrases], "audit_of": item.audit_of or None,
-            "reviewer": item.reviewer or None}
+            "reviewer": item.reviewer or None, "failure_modes": list(item.failure_modes)}

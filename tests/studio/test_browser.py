@@ -42,6 +42,8 @@ def test_an_annotator_fixes_an_item_and_the_manifest_holds_exactly_that(any_stud
     assert positives and negatives, "the stage-2 item needs masks and hard negatives"
     assert page.get_by_test_id("info-stage").inner_text() == view["stage"]
     assert page.get_by_test_id("info-state").inner_text() == view["state"]
+    assert view["failure_modes"], "the verifier sent it to a human: active mining says why"
+    assert page.get_by_test_id("info-why").inner_text() == ", ".join(m.replace("_", " ") for m in view["failure_modes"])
     assert page.locator("[data-testid=phrase]").count() == len([p for p in view["phrases"] if not p["is_negative"]])
     assert page.locator("[data-testid=negative]").count() == len(negatives)
     screenshot(page, "02-item")
