@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 from services.cli import app as cli_app
 from services.common.errors import TransientError
 from services.common.keys import sha256_hex
-from services.common.masks import MaskRecord, encode_rle
 from services.common.pb import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 from services.common.queues import create_celery
 from services.common.settings import Settings
