@@ -61,6 +61,8 @@ EMBEDDING_CACHE = Counter("dataengine_embedding_cache_requests_total",
 # the orchestrator's events (its scrape-time view is EngineCollector's)
 ITEMS_SETTLED = Counter("dataengine_items_settled_total", "Items the pipeline settled (accepted, review, "
                         "rejected, failed), by state; rate() * 60: items settled per minute.", ("state",))
+FAILURE_MODES_FOUND = Counter("dataengine_failure_modes_total", "Failure modes of the items the verifier routed to "
+                              "a human, by mode (active mining; an item counts once per mode).", ("mode",))
 REVIEWS = Counter("dataengine_reviews_total", "Human decisions submitted, by kind (review, audit) and decision "
                   "(accept, discard).", ("kind", "decision"))
 LEASE_EXPIRIES = Counter("dataengine_lease_expiries_total", "Review leases that expired without a submit and "

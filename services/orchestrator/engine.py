@@ -28,7 +28,7 @@ from services.common.errors import InvalidInput, NotFound
 from services.common.failure_modes import MiningPolicy, MiningRecord
 from services.common.limits import Limits
 from services.common.masks import MaskRecord
-from services.common.metrics import ITEMS_SETTLED
+from services.common.metrics import FAILURE_MODES_FOUND, ITEMS_SETTLED
 from services.common.steps import StepReport, StepRequest
 from services.common.storage import ObjectStore, check_key
 from services.common.verdicts import Verification
@@ -270,6 +270,8 @@ class Orchestrator:
             grid = json.loads(self.store.get(item.grid_masks_key)).get("annotations", []) if item.grid_masks_key else []
             record = assess(item, self.mining, len(grid), self.index.carriers(positives), now())
             item.failure_modes = record.modes
+            for mode in record.modes:
+                FAILURE_MODES_FOUND.labels(mode).inc()
             item.priority = round(self.mining.urgency(item.score or 0.0, record.modes), 6)
         else:  # accepted: nothing for a human to mine, but it counts among the decoder's routings
             record = MiningRecord(item.models.get("decoder", ""), now(), item.state.name)

@@ -15,6 +15,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
 from services.cli import app
@@ -171,8 +172,14 @@ def claim_order(engine, n: int) -> list[str]:
 LABELS = {"c0": ["cat"], "c1": ["cat"], "c2": ["cat"], "z": ["zebra"]}
 
 
+def rare_count() -> float:
+    return REGISTRY.get_sample_value("dataengine_failure_modes_total", {"mode": "rare_phrase"}) or 0.0
+
+
 def test_routed_items_get_their_failure_modes_and_the_queue_puts_the_rare_phrase_first(tmp_path, tiny_sam):
+    before = rare_count()
     engine, ids, _ = route(tmp_path, tiny_sam, LABELS)
+    assert rare_count() - before == 3  # the operators' view (Prometheus)
     items = {n: engine.orchestrator.load(i) for n, i in ids.items()}
     # Carriers counted as they are routed: the first two cats and the one zebra are rare (< 3 items).
     assert {n: it.failure_modes for n, it in items.items()} == {
