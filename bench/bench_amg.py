@@ -32,7 +32,7 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_
 
 from services.common.embedding import StoredEmbedding
 from services.decoder import amg
-from services.decoder.params import AmgParams
+from services.common.amg_params import AmgParams
 from services.decoder.prompt_decoder import PromptDecoder
 
 

@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from bench.models import bench_checkpoint  # noqa: E402
 from services.common.sam_models import load_sam  # noqa: E402
 from services.common.settings import Settings  # noqa: E402
-from services.orchestrator.embedded import EmbeddedEngine  # noqa: E402
+from services.embedded import EmbeddedEngine  # noqa: E402
 from services.orchestrator.model import Stage  # noqa: E402
 from services.studio.app import create_app  # noqa: E402
 from services.studio_local import embedded_backend  # noqa: E402

@@ -45,8 +45,8 @@ from PIL import Image  # noqa: E402
 
 from services.common.sam_models import load_sam, save_random_checkpoint  # noqa: E402
 from services.common.settings import Settings  # noqa: E402
-from services.orchestrator.embedded import EmbeddedEngine  # noqa: E402
-from services.orchestrator.engine import Submission  # noqa: E402
+from services.embedded import EmbeddedEngine  # noqa: E402
+from services.common.image_source import ImageSource  # noqa: E402
 from services.orchestrator.index import PREFIX  # noqa: E402
 from services.orchestrator.model import DECODE, EMBED, PROPOSE, SETTLED, VERIFY  # noqa: E402
 from services.serve import SERVICES  # noqa: E402
@@ -118,14 +118,14 @@ def distributed(workers: int, n_images: int, latency_items: int, checkpoint: Pat
         orchestrator = SERVICES["orchestrator"]().make_core(settings)
         client = redis.Redis.from_url(broker)
         # warm-up: every worker loads its model and connects
-        warm = orchestrator.submit([Submission(data=d, source=s) for s, d in images(2 * workers, 1)])
+        warm = orchestrator.submit([ImageSource(data=d, filename=s) for s, d in images(2 * workers, 1)])
         wait_settled(client, warm, timeout=300)
         if on_start is not None:
             on_start(ports)
 
         overheads, latencies = [], []
         for source, data in images(latency_items, 2):
-            (item_id,) = orchestrator.submit([Submission(data=data, source=source)])
+            (item_id,) = orchestrator.submit([ImageSource(data=data, filename=source)])
             wait_settled(client, [item_id])
             item = orchestrator.load(item_id)
             overheads.append(overhead_ms(item))
@@ -134,7 +134,7 @@ def distributed(workers: int, n_images: int, latency_items: int, checkpoint: Pat
         batch = images(n_images, 3)
         cpu_before = [cpu_s(p.pid) for p in procs]
         start = time.perf_counter()
-        ids = orchestrator.submit([Submission(data=d, source=s) for s, d in batch])
+        ids = orchestrator.submit([ImageSource(data=d, filename=s) for s, d in batch])
         wait_settled(client, ids)
         elapsed = time.perf_counter() - start
         cpu_used = {p.pid: cpu_s(p.pid) - before for p, before in zip(procs, cpu_before)}

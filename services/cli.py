@@ -10,10 +10,8 @@ import typer
 
 from services.cli_common import collect_images, fail as _fail, progress as _progress, settings as _settings
 from services.common.errors import DataEngineError
-from services.concepts import commands as concepts_commands
-from services import mining_command, model_commands, studio_commands, train_commands
-from services.orchestrator import commands
-from services.verifier import calibrate_command, eval_command
+from services import (calibrate_command, concepts_commands, engine_commands, eval_commands, mining_command,
+                      model_commands, studio_commands, train_commands)
 
 app = typer.Typer(help="dataengine: raw images to verified segmentation datasets.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -39,7 +37,7 @@ def masks(
     min_mask_region_area: int = typer.Option(0, "--min-mask-region-area"),
 ) -> None:
     """Automatic mask generation (as segment-anything's scripts/amg.py), one SA-1B JSON per image."""
-    from services.decoder.params import AmgParams
+    from services.common.amg_params import AmgParams
     from services.pipeline import MaskPipeline
 
     try:
@@ -124,10 +122,10 @@ def serve(
         _fail(str(exc), code=1)
 
 
-commands.register(app)
+engine_commands.register(app)
 concepts_commands.register(app)
 calibrate_command.register(app)
-eval_command.register(app)
+eval_commands.register(app)
 studio_commands.register(app)
 train_commands.register(app)
 model_commands.register(app, models_app)

@@ -126,7 +126,7 @@ def rerun(
 ) -> None:
     """Decode and verify again the items waiting in review or the fix queue that no human settled
     or holds, with the decoder in service; they are routed anew. JSON summary on stdout."""
-    from services.orchestrator.commands import parse_amg
+    from services.engine_commands import parse_amg
     from services.orchestrator.model import ItemState
 
     try:
@@ -148,7 +148,7 @@ def rerun(
 
 
 def _rerun_here(settings, run: Path, states):
-    from services.orchestrator.embedded import EmbeddedEngine, refresh_outputs
+    from services.embedded import EmbeddedEngine, refresh_outputs
 
     engine = EmbeddedEngine(settings, run)
     summary = engine.rerun(states)

@@ -15,7 +15,7 @@ from services.common.masks import sa1b_document
 from services.common.sam_models import LoadedSam, load_from_settings
 from services.common.settings import Settings
 from services.decoder import amg
-from services.decoder.params import AmgParams
+from services.common.amg_params import AmgParams
 from services.embedder.core import EmbedderCore
 
 

@@ -120,7 +120,7 @@ def _register(app, service: str, parts: ServiceParts, core_factory: Callable[[],
 
 def make_worker_app(service: str, settings: Settings):
     """The Celery app of ``service`` with its tasks registered over a lazily built core
-    (for ``celery -A services.<service>.worker_app worker``)."""
+    (for ``celery -A services.workers.<service> worker``)."""
     parts = SERVICES[service]()
     core: list = []
 

@@ -89,7 +89,7 @@ def open_run_store(run: Path | None) -> ObjectStore:
     """The store of a `dataengine run --out` folder, else the one the settings name."""
     if run is None:
         return open_store(make_settings())
-    from services.orchestrator.embedded import STORE_DIR
+    from services.embedded import STORE_DIR
 
     if not (run / STORE_DIR).is_dir():
         fail(f"{run} holds no engine store ({STORE_DIR}/): run dataengine run IMAGES --out {run}")

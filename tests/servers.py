@@ -137,7 +137,7 @@ def start_celery_worker(service: str, env: dict[str, str], log, loglevel: str = 
     """A Celery worker process for ``service`` (solo pool, queue ``service``), as deployments run
     it; ``log`` is an open binary file for its output. The caller stops it."""
     return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", f"services.{service}.worker_app", "worker", "-Q", service,
+        [sys.executable, "-m", "celery", "-A", f"services.workers.{service}", "worker", "-Q", service,
          "-P", "solo", "-c", "1", "-n", f"{service}-{free_port()}@%h", "--without-gossip", "--without-mingle",
          "-l", loglevel], env=env, stdout=log, stderr=subprocess.STDOUT)
 

@@ -22,7 +22,7 @@ from services.common.review import ReviewSubmission, ReviewedMask, ReviewedPhras
 from services.common.sam_models import file_sha256, save_random_checkpoint
 from services.common.settings import Settings
 from services.common.splits import held_out
-from services.orchestrator.embedded import EmbeddedEngine
+from services.embedded import EmbeddedEngine
 from services.orchestrator.model import manifest_key
 from tests.decoder.test_finetune import shape_image
 

@@ -141,7 +141,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_amg_params(self) -> "Settings":
-        from services.decoder.params import params_from_json
+        from services.common.amg_params import params_from_json
 
         params_from_json(self.amg_params)  # InvalidInput (a ValueError) names the bad field
         return self

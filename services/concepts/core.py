@@ -24,7 +24,7 @@ from services.common.storage import ObjectStore, open_store
 from services.concepts.grounding import Grounder, GroundingParams, ground_proposal, make_grounder
 from services.concepts.ontology import Taxonomy, drop_contradictions
 from services.concepts.phrases import clean_labels, clean_proposal
-from services.embedder.types import ImageSource
+from services.common.image_source import ImageSource
 
 
 class ConceptBackend(Protocol):

@@ -8,7 +8,7 @@ from services.common.errors import InvalidInput
 from services.common.grpc_server import rpc
 from services.common.pb import concepts_pb2, concepts_pb2_grpc
 from services.concepts.core import ConceptsCore
-from services.embedder.types import ImageSource
+from services.common.image_source import ImageSource
 
 SERVICE_NAME = concepts_pb2.DESCRIPTOR.services_by_name["Concepts"].full_name
 

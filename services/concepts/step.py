@@ -13,7 +13,7 @@ from services.common.keys import step_key
 from services.common.steps import StepHandler, StepRequest
 from services.common.storage import ObjectStore
 from services.concepts.core import ConceptsCore
-from services.embedder.types import image_of
+from services.common.image_source import image_of
 
 
 def make_handler(core: ConceptsCore, store: ObjectStore) -> StepHandler:

@@ -35,7 +35,7 @@ from torchvision.ops.boxes import batched_nms, box_area
 from services.common.embedding import StoredEmbedding
 from services.common.errors import FailedPrecondition
 from services.common.masks import MaskRecord
-from services.decoder.params import AmgParams
+from services.common.amg_params import AmgParams
 from services.decoder.prompt_decoder import PromptDecoder
 
 Box = tuple[int, int, int, int]

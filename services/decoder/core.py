@@ -32,7 +32,7 @@ from services.common.sam_models import LoadedSam
 from services.common.storage import ObjectStore
 from services.decoder import amg
 from services.decoder.cache import EmbeddingCache, LoadedEmbedding, LogitsCache
-from services.decoder.params import AmgParams
+from services.common.amg_params import AmgParams
 from services.decoder.prompt_decoder import PromptDecoder
 from services.decoder.prompts import LOW_RES, Prompt
 

@@ -7,7 +7,7 @@ import grpc
 from services.common.grpc_server import rpc
 from services.common.pb import decoder_pb2, decoder_pb2_grpc
 from services.decoder.core import DecoderCore
-from services.decoder.params import AmgParams
+from services.common.amg_params import AmgParams
 from services.decoder.prompts import Prompt
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name

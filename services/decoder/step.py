@@ -26,7 +26,7 @@ from services.common.review import checked_mask
 from services.common.steps import StepHandler, StepRequest
 from services.common.storage import ObjectStore
 from services.decoder.core import DecoderCore
-from services.decoder.params import params_from_json
+from services.common.amg_params import params_from_json
 from services.decoder.prompts import Prompt
 
 

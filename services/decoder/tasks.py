@@ -10,7 +10,7 @@ from celery import Celery
 from services.common.core_tasks import MAX_ATTEMPTS, register_core_task
 from services.common.errors import InvalidInput
 from services.decoder.core import DecoderCore
-from services.decoder.params import params_from_json
+from services.common.amg_params import params_from_json
 
 TASK_NAME = "decoder.generate_masks"
 

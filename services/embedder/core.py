@@ -25,8 +25,8 @@ from services.common.images import decode_image
 from services.common.keys import sha256_hex
 from services.common.sam_models import LoadedSam
 from services.common.storage import ObjectStore
-from services.embedder.types import (DEFAULT_CROP_OVERLAP_RATIO, EmbeddedImage, EmbeddingRef, ImageSource,
-                                     check_crop_params)
+from services.common.image_source import ImageSource
+from services.embedder.types import DEFAULT_CROP_OVERLAP_RATIO, EmbeddedImage, EmbeddingRef, check_crop_params
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ from services.common.errors import InvalidInput
 from services.common.grpc_server import rpc
 from services.common.pb import embedder_pb2, embedder_pb2_grpc
 from services.embedder.core import EmbedderCore
-from services.embedder.types import DEFAULT_CROP_OVERLAP_RATIO, ImageSource, check_crop_params
+from services.common.image_source import ImageSource
+from services.embedder.types import DEFAULT_CROP_OVERLAP_RATIO, check_crop_params
 
 SERVICE_NAME = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
 

@@ -9,9 +9,9 @@ Outputs: ``embedding_key`` (full image), ``image_id``, ``height``, ``width`` (pi
 from __future__ import annotations
 
 from services.common.steps import StepHandler, StepRequest
-from services.decoder.params import params_from_json
+from services.common.amg_params import params_from_json
 from services.embedder.core import EmbedderCore
-from services.embedder.types import image_of
+from services.common.image_source import image_of
 
 
 def make_handler(core: EmbedderCore) -> StepHandler:

@@ -1,5 +1,5 @@
-"""Typed containers of the embedder: what goes in (an image source) and what comes out
-(references to the stored embeddings of one image)."""
+"""Typed containers of the embedder: what comes out (references to the stored embeddings of one
+image) and the crop settings it takes; what goes in is ``services.common.image_source.ImageSource``."""
 
 from __future__ import annotations
 
@@ -11,53 +11,6 @@ from services.common.pb import common_pb2, embedder_pb2
 
 DEFAULT_CROP_OVERLAP_RATIO = 512 / 1500  # segment-anything's SamAutomaticMaskGenerator default
 MAX_CROP_N_LAYERS = 3  # 1 + 4 + 16 + 64 = 85 embeddings per image; more is a mistake, not a request
-
-
-@dataclass(frozen=True)
-class ImageSource:
-    """One input image: encoded bytes given inline, or an object key in the store (exactly one).
-
-    filename is provenance only; it also names the image in error messages.
-    """
-
-    data: bytes | None = None
-    key: str | None = None
-    filename: str = ""
-
-    def __post_init__(self) -> None:
-        if (self.data is None) == (self.key is None):
-            raise InvalidInput("an image needs exactly one of inline bytes or an object key")
-
-    @classmethod
-    def of(cls, value: "ImageSource | bytes | str") -> "ImageSource":
-        """Bytes are an encoded image, a str is an object key."""
-        if isinstance(value, ImageSource):
-            return value
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            return cls(data=bytes(value))
-        if isinstance(value, str):
-            return cls(key=value)
-        raise InvalidInput(f"an image is encoded bytes or an object key (str), got {type(value).__name__}")
-
-    @classmethod
-    def from_proto(cls, ref: common_pb2.ImageRef, index: int = 0) -> "ImageSource":
-        which = ref.WhichOneof("source")
-        if which == "data":  # an explicitly empty payload is kept, so decoding can name it
-            return cls(data=ref.data, filename=ref.filename)
-        if which == "key":
-            return cls(key=ref.key, filename=ref.filename)
-        raise InvalidInput(f"image {index} has neither data nor key")
-
-    def to_proto(self) -> common_pb2.ImageRef:
-        if self.data is not None:
-            return common_pb2.ImageRef(data=self.data, filename=self.filename)
-        return common_pb2.ImageRef(key=self.key, filename=self.filename)
-
-    def describe(self, index: int) -> str:
-        """How error messages name this image: its index plus its filename (what the user knows it
-        by), else its key."""
-        detail = self.filename or (f"key {self.key!r}" if self.key is not None else "inline bytes")
-        return f"image {index} ({detail})"
 
 
 @dataclass(frozen=True)
@@ -125,10 +78,3 @@ def check_crop_params(crop_n_layers: int, crop_overlap_ratio: float) -> None:
         raise InvalidInput(f"crop_n_layers must be in [0, {MAX_CROP_N_LAYERS}], got {crop_n_layers}")
     if not 0.0 <= crop_overlap_ratio < 1.0:  # also rejects NaN
         raise InvalidInput(f"crop_overlap_ratio must be in [0, 1), got {crop_overlap_ratio}")
-
-
-def image_of(request) -> ImageSource:
-    """The image of a pipeline ``StepRequest``: inputs ``image_key`` and, optionally, ``source``."""
-    # The item's source (its file name) names the image in errors, not the content-hash key.
-    source = request.inputs.get("source")
-    return ImageSource(key=request.need("image_key"), filename=source if isinstance(source, str) else "")

@@ -26,6 +26,7 @@ from services.common import keys
 from services.common.decoded import DecodeOutput
 from services.common.errors import InvalidInput, NotFound
 from services.common.failure_modes import MiningPolicy, MiningRecord
+from services.common.image_source import ImageSource
 from services.common.limits import Limits
 from services.common.masks import MaskRecord
 from services.common.metrics import FAILURE_MODES_FOUND, ITEMS_SETTLED
@@ -48,19 +49,6 @@ MAX_PAGE_SIZE = 1000
 
 class Dispatcher(Protocol):
     def send(self, request: StepRequest) -> None: ...
-
-
-@dataclass
-class Submission:
-    """One image to submit: encoded bytes or an object key (exactly one), and where it came from."""
-
-    data: bytes | None = None
-    key: str | None = None
-    source: str = ""
-
-    def __post_init__(self) -> None:
-        if (self.data is None) == (self.key is None):
-            raise InvalidInput("an image needs exactly one of inline bytes or an object key")
 
 
 @dataclass
@@ -134,7 +122,7 @@ class Orchestrator:
 
     # -- submit ----------------------------------------------------------------------------------
 
-    def submit(self, images: Sequence[Submission], known_labels: Sequence[str] = (),
+    def submit(self, images: Sequence[ImageSource], known_labels: Sequence[str] = (),
                stage: Stage = Stage.FULLY_AUTOMATIC) -> list[str]:
         """Ingest ``images`` and start them; returns their item ids in order.
 
@@ -148,7 +136,7 @@ class Orchestrator:
         # Check every image before storing any: a refused request ingests nothing.
         for i, image in enumerate(images):
             if image.data is not None and not image.data:
-                raise InvalidInput(f"image {i} ({image.source or 'inline'}) is empty (0 bytes)")
+                raise InvalidInput(f"image {i} ({image.filename or 'inline'}) is empty (0 bytes)")
             if image.key is not None and not self.store.exists(check_key(image.key)):
                 raise NotFound(f"image {i}: object {image.key!r} not found")
         ids = []
@@ -160,7 +148,7 @@ class Orchestrator:
                     self.store.put(image_key, image.data)
             else:
                 image_key = content_id = check_key(image.key)
-            source = image.source or (image.key if image.key else "inline")
+            source = image.filename or (image.key if image.key else "inline")
             item_id = item_id_for(source, content_id)
             ids.append(item_id)
             try:

@@ -10,7 +10,8 @@ from services.common.grpc_server import rpc
 from services.common.pb import orchestrator_pb2, orchestrator_pb2_grpc
 from services.common.review import ReviewSubmission
 from services.orchestrator import exports
-from services.orchestrator.engine import Orchestrator, Submission
+from services.common.image_source import ImageSource
+from services.orchestrator.engine import Orchestrator
 from services.orchestrator.model import ItemState, Stage
 
 SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
@@ -25,13 +26,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
     @rpc
     def Submit(self, request, context) -> orchestrator_pb2.SubmitResponse:
-        images = []
-        for i, ref in enumerate(request.images):
-            which = ref.WhichOneof("source")
-            if which is None:
-                raise InvalidInput(f"image {i} has neither data nor key")
-            images.append(Submission(data=ref.data if which == "data" else None,
-                                     key=ref.key if which == "key" else None, source=ref.filename))
+        images = [ImageSource.from_proto(ref, i) for i, ref in enumerate(request.images)]
         ids = self.core.submit(images, list(request.known_labels), Stage.parse(request.stage))
         return orchestrator_pb2.SubmitResponse(item_ids=ids)
 

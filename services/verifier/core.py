@@ -22,7 +22,7 @@ from services.common.masks import MaskRecord
 from services.common.settings import Settings
 from services.common.storage import ObjectStore, open_store
 from services.common.verdicts import Verification
-from services.embedder.types import ImageSource
+from services.common.image_source import ImageSource
 from services.verifier.geometry import rle_size
 
 CHECKS = ("mask", "exhaustivity", "hard_negative")

@@ -8,7 +8,7 @@ from services.common.errors import InvalidInput
 from services.common.grpc_server import rpc
 from services.common.masks import MaskRecord
 from services.common.pb import verifier_pb2, verifier_pb2_grpc
-from services.embedder.types import ImageSource
+from services.common.image_source import ImageSource
 from services.verifier.core import PhrasePair, VerifierCore, union_of_masks
 
 SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["Verifier"].full_name

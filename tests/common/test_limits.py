@@ -9,7 +9,8 @@ from services.common.errors import InvalidInput
 from services.common.settings import Settings
 from services.concepts.core import ConceptsCore
 from services.orchestrator.dispatch import InlineDispatcher
-from services.orchestrator.engine import Orchestrator, Submission
+from services.common.image_source import ImageSource
+from services.orchestrator.engine import Orchestrator
 from services.orchestrator.index import MemoryIndex
 from tests.common.image_cases import png
 
@@ -33,7 +34,7 @@ def test_the_orchestrator_enforces_the_configured_limits(local_store):
     with pytest.raises(InvalidInput, match=r"bad item id: 31 characters, at most 30 \(DATAENGINE_MAX_ID_CHARS\)"):
         engine.load("f" * 31)
     with pytest.raises(InvalidInput, match=r"at most 2 \(DATAENGINE_MAX_LABELS\)"):
-        engine.submit([Submission(data=png(4, 4), source="a.png")], known_labels=["a", "b", "c"])
+        engine.submit([ImageSource(data=png(4, 4), filename="a.png")], known_labels=["a", "b", "c"])
     assert list(local_store.list("")) == []  # nothing ingested
     with pytest.raises(InvalidInput, match="page_token .* is not one ListItems returned"):
         engine.list_items(token="f" * 31)

@@ -169,7 +169,7 @@ def test_the_run_and_concepts_commands_take_the_grounding_backend(model_dirs, tm
 
     from services.cli import app
     from services.common.storage import LocalStore
-    from services.orchestrator.embedded import STORE_DIR
+    from services.embedded import STORE_DIR
     from services.orchestrator.model import Item, manifest_key
 
     photos = tmp_path / "photos"

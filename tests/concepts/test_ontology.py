@@ -20,7 +20,8 @@ from services.common.keys import step_key
 from services.common.pb import common_pb2, concepts_pb2, concepts_pb2_grpc
 from services.common.settings import Settings
 from services.common.steps import StepRequest, run_step
-from services.concepts import commands, core as concepts_core
+from services import concepts_commands as commands
+from services.concepts import core as concepts_core
 from services.concepts.core import ConceptsCore, make_backend
 from services.concepts.ontology import RELATION_SCORES, OntologyBackend, Taxonomy
 from services.concepts.phrases import clean_phrase

@@ -72,7 +72,7 @@ def test_outcomes_on_an_in_process_worker(app, local_store, openai_stub):
 
 @pytest.mark.slow
 def test_a_worker_process_serves_propose_from_the_environment(app, broker, local_store, openai_stub, tmp_path):
-    """``celery -A services.concepts.worker_app``: the task is registered from the settings
+    """``celery -A services.workers.concepts``: the task is registered from the settings
     (ontology by default), survives a bad message, and retries a model that times out."""
     root = local_store.root.parent
     env = {**os.environ, "DATAENGINE_STORE": "local", "DATAENGINE_STORE_ROOT": str(root),

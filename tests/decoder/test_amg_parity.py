@@ -31,7 +31,7 @@ from services.common.errors import FailedPrecondition
 from services.common.masks import MaskRecord
 from services.common.sam_models import load_sam
 from services.decoder import amg
-from services.decoder.params import AmgParams
+from services.common.amg_params import AmgParams
 from services.decoder.prompt_decoder import PromptDecoder
 from tests.decoder.builders import official_predictor
 

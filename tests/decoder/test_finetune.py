@@ -180,7 +180,7 @@ def _run_dir(tmp_path: Path, shapes: list[Example]) -> Path:
     from services.common.keys import manifest_key
     from services.common.masks import MaskRecord, encode_rle
     from services.common.storage import LocalStore
-    from services.orchestrator.embedded import STORE_DIR
+    from services.embedded import STORE_DIR
     from services.orchestrator.model import Item, ItemState, PhraseResult
     from tests.decoder.builders import put
 

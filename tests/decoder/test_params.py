@@ -11,7 +11,7 @@ from segment_anything import SamAutomaticMaskGenerator
 from services.common.errors import InvalidInput
 from services.common.pb import decoder_pb2
 from services.common.sam_models import build_sam_tiny
-from services.decoder.params import AmgParams
+from services.common.amg_params import AmgParams
 
 
 def test_defaults_are_the_official_ones():

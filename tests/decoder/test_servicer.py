@@ -17,7 +17,7 @@ from services.common.sam_models import load_sam
 from services.common.storage import LocalStore
 from services.decoder import amg, servicer
 from services.decoder.core import DecoderCore
-from services.decoder.params import AmgParams
+from services.common.amg_params import AmgParams
 from tests.decoder.builders import blob_image, embed, put
 from tests.servers import grpc_loopback
 

@@ -14,7 +14,8 @@ from services.common import keys
 from services.common.embedding import StoredEmbedding
 from services.common.errors import InvalidInput, NotFound
 from services.embedder.core import EmbedderCore
-from services.embedder.types import EmbeddedImage, ImageSource
+from services.common.image_source import ImageSource
+from services.embedder.types import EmbeddedImage
 from tests.common.image_cases import BAD_IMAGES, png, rgb_array
 
 # Landscape, portrait and square: each pads differently to the 1024 input.

@@ -20,8 +20,8 @@ from services.common.settings import Settings
 from services.common.verdicts import PairVerdict, Verdict, Verification
 from services.concepts import step as concepts_step
 from services.concepts.core import ConceptsCore
-from services.orchestrator.embedded import EmbeddedEngine
-from services.orchestrator.engine import Submission
+from services.embedded import EmbeddedEngine
+from services.common.image_source import ImageSource
 from services.orchestrator.model import DECODE, EMBED, PROPOSE, VERIFY, ItemState, Stage
 from services.orchestrator.routing import Thresholds
 from services.verifier import step as verifier_step
@@ -156,7 +156,7 @@ def test_bad_images_fail_with_the_reason_and_others_go_on(make_engine, images):
 def test_a_redelivered_report_is_applied_once_and_dispatches_nothing_new(make_engine, images):
     engine = make_engine()
     orch, dispatcher = engine.orchestrator, engine.dispatcher
-    (item_id,) = orch.submit([Submission(data=(images / "im4.png").read_bytes(), source="im4.png")], ["dog"])
+    (item_id,) = orch.submit([ImageSource(data=(images / "im4.png").read_bytes(), filename="im4.png")], ["dog"])
     embed = dispatcher.queue.popleft()
     assert embed.step == EMBED and [r.step for r in dispatcher.queue] == [PROPOSE]
     report = dispatcher.run_one(embed)
@@ -207,8 +207,8 @@ def test_unusable_step_output_fails_the_item(make_engine, images):
 def test_an_interrupted_run_resumes_without_redoing_finished_steps(make_engine, images, tmp_path):
     out = tmp_path / "resumable"
     first = make_engine(out=out)
-    (item_id,) = first.orchestrator.submit([Submission(data=(images / "im0.png").read_bytes(),
-                                                       source="im0.png")], ["dog"])
+    (item_id,) = first.orchestrator.submit([ImageSource(data=(images / "im0.png").read_bytes(),
+                                                       filename="im0.png")], ["dog"])
     first.orchestrator.report(first.dispatcher.run_one(first.dispatcher.queue.popleft()))  # embed only
     embedding = first.store.root / first.orchestrator.load(item_id).outputs[EMBED]
     stamp = embedding.stat().st_mtime_ns
@@ -242,11 +242,11 @@ def test_assisted_manual_items_wait_for_an_annotator(make_engine, images):
 
 @pytest.mark.parametrize("call, match", [
     (lambda o: o.submit([]), "no images"),
-    (lambda o: o.submit([Submission(key="images/nothing")]), "not found"),
-    (lambda o: o.submit([Submission(key="../etc/passwd")]), "key"),
-    (lambda o: o.submit([Submission(data=b"x")], ["  "]), "empty"),
-    (lambda o: o.submit([Submission(data=b"x")], "dog"), "not one string"),
-    (lambda o: o.submit([Submission(data=b"x")], stage="stage_9"), "unknown stage"),
+    (lambda o: o.submit([ImageSource(key="images/nothing")]), "not found"),
+    (lambda o: o.submit([ImageSource(key="../etc/passwd")]), "key"),
+    (lambda o: o.submit([ImageSource(data=b"x")], ["  "]), "empty"),
+    (lambda o: o.submit([ImageSource(data=b"x")], "dog"), "not one string"),
+    (lambda o: o.submit([ImageSource(data=b"x")], stage="stage_9"), "unknown stage"),
     (lambda o: o.list_items(page_size=0), "page_size"),
     (lambda o: o.next_review(" "), "annotator"),
 ])

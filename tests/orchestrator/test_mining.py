@@ -27,7 +27,7 @@ from services.common.settings import Settings
 from services.common.verdicts import PairVerdict, Verdict, Verification
 from services.concepts import step as concepts_step
 from services.concepts.core import ConceptsCore
-from services.orchestrator.embedded import EmbeddedEngine
+from services.embedded import EmbeddedEngine
 from services.orchestrator.index import MemoryIndex, RedisIndex
 from services.orchestrator.mining import phrase_modes
 from services.orchestrator.model import PROPOSE, VERIFY, Item, ItemState, PhraseResult, Stage

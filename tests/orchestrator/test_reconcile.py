@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from services.cli import app
 from services.common.settings import Settings
-from services.orchestrator.engine import Submission
+from services.common.image_source import ImageSource
 from services.orchestrator.model import ItemState
 from services.serve import SERVICES
 
@@ -34,7 +34,7 @@ def env(broker, tmp_path, monkeypatch) -> Settings:
 
 def test_reconcile_rebuilds_indices_and_requeues_unfinished_items(env):
     orchestrator = SERVICES["orchestrator"]().make_core(env)
-    ids = orchestrator.submit([Submission(data=png(i), source=f"{i}.png") for i in range(3)], ["dog"])
+    ids = orchestrator.submit([ImageSource(data=png(i), filename=f"{i}.png") for i in range(3)], ["dog"])
     # one item settled by a human before the crash: it must not be queued again
     done = orchestrator.load(ids[0])
     done.move(ItemState.FAILED, "bad image")

@@ -21,7 +21,7 @@ from services.common.keys import sha256_hex
 from services.common.pb import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 from services.common.queues import create_celery
 from services.common.settings import Settings
-from services.orchestrator.embedded import STORE_DIR, EmbeddedEngine
+from services.embedded import STORE_DIR, EmbeddedEngine
 from services.orchestrator.index import queue_depths
 from services.orchestrator.model import PROPOSE, VERIFY, ItemState, Stage, item_id_for
 from services.orchestrator.servicer import add_to_server

@@ -19,7 +19,7 @@ from pycocotools.coco import COCO
 
 from services.common.settings import Settings
 from services.orchestrator import exports
-from services.orchestrator.engine import Submission
+from services.common.image_source import ImageSource
 from services.orchestrator.model import STEPS, SETTLED, ItemState
 from services.serve import SERVICES
 from tests.conftest import S3_KEY, S3_SECRET
@@ -85,7 +85,7 @@ def test_fifty_images_through_separate_workers_survive_a_sigkill(broker, s3_endp
         killed_log = open(tmp_path / "decoder-killed.log", "wb")
         doomed = start_celery_worker("decoder", env, killed_log)
         try:
-            ids = orchestrator.submit([Submission(data=data, source=name) for name, data in files.items()],
+            ids = orchestrator.submit([ImageSource(data=data, filename=name) for name, data in files.items()],
                                       ["dog", "frisbee"])
             assert len(set(ids)) == len(files) == 50
             # SIGKILL the decoder while a message is delivered to it and unacknowledged

@@ -25,7 +25,7 @@ from services.common.settings import Settings
 from services.common.verdicts import PairVerdict, Verdict, Verification
 from services.concepts import step as concepts_step
 from services.concepts.core import ConceptsCore
-from services.orchestrator.embedded import EmbeddedEngine
+from services.embedded import EmbeddedEngine
 from services.orchestrator.model import PROPOSE, VERIFY, Stage
 from services.studio.app import create_app
 from services.studio_local import InProcessBackend, embedded_backend

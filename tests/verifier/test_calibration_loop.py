@@ -22,7 +22,7 @@ from services.orchestrator.engine import Orchestrator
 from services.orchestrator.index import MemoryIndex
 from services.orchestrator.model import Item, ItemState, PhraseResult, Stage
 from services.verifier.calibration import CalibrationFile, Examples, brier, ece, fit, fit_all, fit_check
-from services.verifier.calibration_data import (examples_from_mask_decisions, examples_from_phrase_decisions,
+from services.calibration_data import (examples_from_mask_decisions, examples_from_phrase_decisions,
                                                 examples_from_store)
 from services.verifier.core import PhrasePair, VerifierCore
 from services.verifier.heuristic import FEATURES, HeuristicVerifier

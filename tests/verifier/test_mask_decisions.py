@@ -15,7 +15,7 @@ from services.orchestrator.engine import Orchestrator
 from services.orchestrator.index import MemoryIndex
 from services.orchestrator.model import ItemState, PhraseResult
 from services.verifier.calibration import fit
-from services.verifier.calibration_data import examples_from_mask_decisions
+from services.calibration_data import examples_from_mask_decisions
 from services.verifier.heuristic import FEATURES, HeuristicVerifier
 from tests.orchestrator.test_review import NoDispatch, box_mask, put
 

@@ -63,7 +63,7 @@ def run(
 
     Interrupted and started again with the same OUT, it resumes without redoing finished steps.
     """
-    from services.orchestrator.embedded import EmbeddedEngine
+    from services.embedded import EmbeddedEngine
 
     settings = make_settings(model_type=model_type, checkpoint=checkpoint, device=device, amg_params=parse_amg(amg_params),
                              grounding_backend=grounding, grounding_model_dir=grounding_model_dir,
@@ -119,7 +119,7 @@ def refresh(
 ) -> None:
     """Rewrite OUT's exports and report.json from its manifests, after a review in the studio
     (human masks, decisions and provenance included). Needs no model."""
-    from services.orchestrator.embedded import refresh_outputs
+    from services.embedded import refresh_outputs
 
     try:
         paths, counts = refresh_outputs(out)

@@ -1,5 +1,6 @@
 """How well the verifier's routing agrees with human decisions: precision and recall of the
 automatic decisions (auto-accept, auto-reject) against what humans decided on the same units.
+At the top, beside cli.py: it reads the orchestrator's routing and manifests for the verifier.
 
 Input: JSONL, one routed unit (an item, or an image–noun-phrase pair) per line:
 
@@ -134,7 +135,7 @@ def decisions_from_store(store: ObjectStore, thresholds: Thresholds) -> list[Dec
     ``dataengine calibrate`` trains on): routed as ``thresholds`` route its score in stage 3,
     accepted when the human accepted it. Items nobody reviewed carry no human decision."""
     from services.orchestrator.exports import iter_items  # the orchestrator's manifest reader
-    from services.verifier.calibration_data import unreviewed_reason
+    from services.calibration_data import unreviewed_reason
 
     return [Decision(thresholds.route(item.score), item.state == ItemState.ACCEPTED)
             for item in iter_items(store, (ItemState.ACCEPTED, ItemState.DISCARDED))

@@ -2,6 +2,7 @@
 per source of human decisions. Each example's features are what the verifier computed (or would
 compute, configured as the deployed one) for the unit the human judged; each carries its item id,
 so the held-out split keeps all examples of an item on one side.
+At the top, beside cli.py: it joins the orchestrator's manifests with the verifier's features.
 
 - ``examples_from_store`` ("item" model): every manifest ``items/<id>/manifest.json`` whose item a
   human reviewed (state ACCEPTED or DISCARDED with ``reviewer`` set) after the verifier scored it

@@ -1,4 +1,4 @@
-"""Celery entry point: ``celery -A services.concepts.worker_app worker -Q concepts -P solo``.
+"""Celery entry point: ``celery -A services.workers.verifier worker -Q verifier -P solo``.
 
 Settings come from the ``DATAENGINE_*`` environment; the core is built on the first task.
 """
@@ -6,4 +6,4 @@ Settings come from the ``DATAENGINE_*`` environment; the core is built on the fi
 from services.common.settings import get_settings
 from services.serve import make_worker_app
 
-app = make_worker_app("concepts", get_settings())
+app = make_worker_app("verifier", get_settings())

@@ -1,4 +1,4 @@
-"""Celery entry point: ``celery -A services.embedder.worker_app worker -Q embedder -P solo``.
+"""Celery entry point: ``celery -A services.workers.embedder worker -Q embedder -P solo``.
 
 Settings come from the ``DATAENGINE_*`` environment; the model is loaded on the first task.
 """

@@ -41,7 +41,7 @@ def concepts(
     """
     from services.common.mllm import ModelOutputError
     from services.concepts.core import ConceptsCore
-    from services.embedder.types import ImageSource
+    from services.common.image_source import ImageSource
 
     if not image.is_file():
         fail(f"{image} does not exist or is not a file")

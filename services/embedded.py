@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from services.common.errors import DataEngineError, InvalidInput, NotFound
+from services.common.image_source import ImageSource
 from services.common.sam_models import LoadedSam, load_from_settings
 from services.common.settings import Settings
 from services.common.storage import LocalStore
@@ -26,7 +27,7 @@ from services.embedder import step as embedder_step
 from services.embedder.core import EmbedderCore
 from services.orchestrator import exports
 from services.orchestrator.dispatch import InlineDispatcher
-from services.orchestrator.engine import Orchestrator, RerunSummary, Submission
+from services.orchestrator.engine import Orchestrator, RerunSummary
 from services.orchestrator.index import MemoryIndex
 from services.orchestrator.model import DECODE, EMBED, PROPOSE, VERIFY, Item, ItemState, Stage, manifest_key
 from services.verifier import step as verifier_step
@@ -98,7 +99,7 @@ class EmbeddedEngine:
         except OSError as exc:
             return FileResult(source, "failed", f"cannot read the file: {exc.strerror or exc}")
         try:
-            (item_id,) = self.orchestrator.submit([Submission(data=data, source=source)], labels, stage)
+            (item_id,) = self.orchestrator.submit([ImageSource(data=data, filename=source)], labels, stage)
         except DataEngineError as exc:  # e.g. an empty file: it never becomes an item
             return FileResult(source, "failed", str(exc))
         self.dispatcher.run(self.orchestrator.report)

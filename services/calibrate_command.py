@@ -51,7 +51,7 @@ def calibrate(
     after on the held-out split and the training split. The saved models are refit on all data."""
     from services.common.storage import open_store
     from services.verifier.calibration import Examples, fit_all
-    from services.verifier.calibration_data import (examples_from_jsonl, examples_from_mask_decisions,
+    from services.calibration_data import (examples_from_jsonl, examples_from_mask_decisions,
                                                     examples_from_phrase_decisions, examples_from_store)
     from services.verifier.heuristic import HeuristicVerifier
 

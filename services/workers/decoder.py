@@ -1,4 +1,4 @@
-"""Celery entry point: ``celery -A services.decoder.worker_app worker -Q decoder -P solo``.
+"""Celery entry point: ``celery -A services.workers.decoder worker -Q decoder -P solo``.
 
 Settings come from the ``DATAENGINE_*`` environment; the model is loaded on the first task.
 """
