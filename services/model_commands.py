@@ -121,8 +121,8 @@ def rerun(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="With --run: this checkpoint, not the "
                                               "promoted one."),
     device: Optional[str] = typer.Option(None, "--device", help="With --run: cpu, cuda, cuda:N."),
-    amg_params: Optional[str] = typer.Option(None, "--amg-params", help="With --run: the grid-mask parameters "
-                                             "(JSON) the run used, as given to `dataengine run`."),
+    amg_params: Optional[str] = typer.Option(None, "--amg-params", help="With --run: grid-mask parameters (JSON) for "
+                                             "items of older versions, which did not record the ones they ran with."),
 ) -> None:
     """Decode and verify again the items waiting in review or the fix queue that no human settled
     or holds, with the decoder in service; they are routed anew. JSON summary on stdout."""

@@ -119,7 +119,7 @@ def test_train_eval_promote_rerun_puts_a_better_decoder_into_service(loop, model
 
     # rerun: the waiting items (no human settled them) are decoded with the promoted decoder.
     settled = {i: loop["store"].get(manifest_key(i)) for i in loop["reviewed"]}
-    rerun = cli("rerun", "--run", out, "--state", "review", "--state", "rejected", "--amg-params", GRID)
+    rerun = cli("rerun", "--run", out, "--state", "review", "--state", "rejected")  # the items keep their grid
     assert rerun.exit_code == 0, rerun.output
     summary = json.loads(rerun.stdout)
     assert sorted(summary["item_ids"]) == loop["waiting"] and summary["skipped"] == {}

@@ -157,7 +157,7 @@ class Orchestrator:
             except NotFound:
                 pass
             item = Item(item_id=item_id, source=source, image_key=image_key, image_id=content_id,
-                        stage=stage, known_labels=labels)
+                        stage=stage, known_labels=labels, amg_params=dict(self.amg_params))
             self.save(item)
             self._dispatch(item)
         return ids
@@ -271,7 +271,8 @@ class Orchestrator:
         """The steps the item needs now, from its manifest alone."""
         if item.settled:
             return []
-        done, out, params = set(item.done), item.outputs, self.amg_params
+        done, out = set(item.done), item.outputs
+        params = item.amg_params if item.amg_params is not None else self.amg_params
         requests = []
         if EMBED not in done:
             requests.append(StepRequest(item.item_id, EMBED, {"image_key": item.image_key, "source": item.source,

@@ -177,6 +177,9 @@ class Item:
         routed to review or the fix queue. priority: the urgency in [0, 1] they and the score give it
         (``MiningPolicy.urgency``), which orders it in its band; None: by score alone.
     mining: one record per routing by the verifier, kept across reruns (``dataengine mining``).
+    amg_params: the grid-mask parameters (``AmgParams`` fields) its embed and decode steps run with,
+        fixed when it is submitted, so a resume or rerun under other settings still decodes the crops
+        it embedded; None (a manifest of an older version): the orchestrator's.
     """
 
     item_id: str
@@ -205,6 +208,7 @@ class Item:
     failure_modes: list[str] = field(default_factory=list)
     priority: float | None = None
     mining: list[MiningRecord] = field(default_factory=list)
+    amg_params: dict | None = None
 
     def __post_init__(self) -> None:
         if not self.history:
@@ -300,7 +304,7 @@ class Item:
                 "reviews": [r.to_json() for r in self.reviews], "audit": self.audit,
                 "skipped_by": list(self.skipped_by), "models": dict(self.models),
                 "failure_modes": list(self.failure_modes), "priority": self.priority,
-                "mining": [r.to_json() for r in self.mining]}
+                "mining": [r.to_json() for r in self.mining], "amg_params": self.amg_params}
 
     @classmethod
     def from_json(cls, d: dict) -> "Item":
@@ -320,7 +324,8 @@ class Item:
                        models={str(k): str(v) for k, v in d.get("models", {}).items()},
                        failure_modes=[str(m) for m in d.get("failure_modes", [])],
                        priority=None if d.get("priority") is None else float(d["priority"]),
-                       mining=[MiningRecord.from_json(r) for r in d.get("mining", [])])
+                       mining=[MiningRecord.from_json(r) for r in d.get("mining", [])],
+                       amg_params=None if d.get("amg_params") is None else dict(d["amg_params"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"malformed item manifest {d.get('item_id', '?')!r}: {exc!r}") from None
 

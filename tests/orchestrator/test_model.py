@@ -5,6 +5,7 @@ import math
 import pytest
 
 from services.common.errors import FailedPrecondition, InvalidInput
+from services.common.failure_modes import MiningRecord
 from services.orchestrator.model import TERMINAL, TRANSITIONS, Item, ItemState, PhraseResult, Stage
 from services.orchestrator.routing import Thresholds
 
@@ -78,8 +79,14 @@ def test_manifest_and_proto_round_trip():
     item = _item(known_labels=["dog"], stage=Stage.SEMI_AUTOMATIC)
     item.phrases = [PhraseResult("dog", score=0.8, provenance="labels", state=S.REVIEW),
                     PhraseResult("cat", is_negative=True, score=1.0)]
+    item.failure_modes, item.priority, item.amg_params = ["rare_phrase"], 0.4, {"points_per_side": 8}
+    item.mining = [MiningRecord("tiny-abc", 12.5, "REVIEW", ["rare_phrase"], {"dog": ["rare_phrase"]})]
     again = Item.from_json(item.to_json())
     assert again.to_json() == item.to_json()
+    assert again.mining == item.mining and again.amg_params == {"points_per_side": 8} and again.priority == 0.4
+    old = {k: v for k, v in item.to_json().items() if k not in ("failure_modes", "priority", "mining", "amg_params")}
+    older = Item.from_json(old)  # a manifest of a version before active mining
+    assert (older.failure_modes, older.priority, older.mining, older.amg_params) == ([], None, [], None)
     proto = item.to_proto()
     assert proto.stage == 2 and proto.phrases[1].is_negative and proto.phrases[0].state == int(S.REVIEW)
 

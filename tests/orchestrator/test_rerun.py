@@ -29,8 +29,9 @@ from tests.orchestrator.test_engine import GRID, BoxConcepts, ScriptedVerifier, 
 SCORES = {"cat": 0.8, "dog": 0.5, "cow": 0.95, "unicorn": 0.9}  # review, fix queue, accepted; the negative
 
 
-def engine_on(out, sam) -> EmbeddedEngine:
-    engine = EmbeddedEngine(Settings(model_type="tiny", amg_params=GRID, concepts_backend="labels"), out, sam=sam)
+def engine_on(out, sam, amg_params=GRID) -> EmbeddedEngine:
+    engine = EmbeddedEngine(Settings(model_type="tiny", amg_params=amg_params, concepts_backend="labels"), out,
+                            sam=sam)
     engine.dispatcher.sleep = lambda s: None
     engine.dispatcher.handlers[VERIFY] = verifier_step.make_handler(
         VerifierCore(ScriptedVerifier(SCORES), engine.store), engine.store)
@@ -72,18 +73,22 @@ def manifests(engine, ids) -> dict[str, bytes]:
 def test_rerun_redoes_only_unsettled_items_with_the_new_decoder(waiting, tiny_checkpoint, tiny_sam, tmp_path):
     out, ids = waiting
     tuned = load_sam("tiny", fine_tuned_copy(tiny_checkpoint, tmp_path / "sam_tiny_ft.pth"))
-    engine = engine_on(out, tuned)
+    engine = engine_on(out, tuned, amg_params={})  # other settings than the run's: the items keep theirs
     before = manifests(engine, ids)
     states = {n: json.loads(b)["state"] for n, b in before.items()}
     assert states == {"a": "REVIEW", "b": "REJECTED", "c": "ACCEPTED", "d": "DISCARDED", "e": "REVIEW",
                       "f": "REVIEW"}, states
     steps = count_steps(engine)
+    decode = engine.dispatcher.handlers[DECODE]
+    grids = []
+    engine.dispatcher.handlers[DECODE] = lambda request: grids.append(request.inputs["amg_params"]) or decode(request)
 
     summary = engine.rerun([ItemState.REVIEW, ItemState.REJECTED])
 
     assert sorted(summary.rerun) == sorted([ids["a"], ids["b"]])
     assert summary.skipped == {"a human is reviewing it": 1, "assisted-manual: no machine masks to redo": 1}
     assert sorted(steps) == [DECODE, DECODE, VERIFY, VERIFY]  # embeddings and concepts reused
+    assert grids == [GRID, GRID]  # the grid each item was submitted with, not the new settings' default
     after = manifests(engine, ids)
     assert {n: after[n] == before[n] for n in ids} == {"a": False, "b": False, "c": True, "d": True, "e": True,
                                                         "f": True}
