@@ -7,16 +7,30 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 from services.cli_common import collect_images, fail as _fail, progress as _progress, settings as _settings
 from services.common.errors import DataEngineError
 from services import (calibrate_command, concepts_commands, engine_commands, eval_commands, mining_command,
                       model_commands, studio_commands, train_commands)
 
+
+class _Commands(TyperGroup):
+    """``eval masks`` and ``eval routing`` are ``eval-masks`` and ``eval-routing``: ``eval`` itself
+    takes ground-truth files as arguments, so it cannot also be a group of subcommands."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        if len(args) >= 2 and args[0] == "eval" and args[1] in ("masks", "routing"):
+            args = [f"eval-{args[1]}", *args[2:]]
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(help="dataengine: raw images to verified segmentation datasets.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+                  pretty_exceptions_enable=False, cls=_Commands)
 models_app = typer.Typer(help="SAM checkpoints.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+
+
 @app.command()
 def masks(
     images: list[Path] = typer.Argument(..., help="Image files or folders."),

@@ -214,7 +214,7 @@ def test_train_decoder_and_eval_masks_on_a_run_folder(shapes, tiny_checkpoint, t
     assert card["trained_masks"] + card["held_out_masks"] == 8 and card["held_out_masks"] == held  # 2 left out
     new = tmp_path / "ft" / card["checkpoint"]
 
-    measured = runner.invoke(app, ["eval-masks", "--run", str(run), *model, "--holdout", "0.3",
+    measured = runner.invoke(app, ["eval", "masks", "--run", str(run), *model, "--holdout", "0.3",  # as eval-masks
                                    "--checkpoint", str(tiny_checkpoint), "--checkpoint", str(new)])
     assert measured.exit_code == 0, measured.output
     figures = json.loads(measured.stdout)
