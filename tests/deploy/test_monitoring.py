@@ -181,7 +181,7 @@ def test_the_dashboard_shows_what_operators_watch():
               "grpc_server_handling_seconds_bucket", "dataengine_http_requests_total",
               "dataengine_http_request_seconds_bucket", "dataengine_studio_active_annotators",
               "dataengine_studio_submits_total", "dataengine_embedding_cache_requests_total",
-              "dataengine_model_load_seconds"}
+              "dataengine_model_load_seconds", "dataengine_failure_modes_total"}
     assert wanted <= used, f"no panel for {wanted - used}"
 
 
