@@ -34,18 +34,23 @@ class GroundedPhrase:
 
 @dataclass
 class DecodeOutput:
-    """masks_key: SA-1B JSON of the class-agnostic grid masks. phrases: positives, then negatives."""
+    """masks_key: SA-1B JSON of the class-agnostic grid masks; grid_count: how many it holds (None:
+    written by an older decoder, which did not say). phrases: positives, then negatives."""
 
     masks_key: str
     phrases: list[GroundedPhrase] = field(default_factory=list)
+    grid_count: int | None = None
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"masks_key": self.masks_key, "phrases": [p.to_json() for p in self.phrases]}).encode()
+        return json.dumps({"masks_key": self.masks_key, "phrases": [p.to_json() for p in self.phrases],
+                           "grid_count": self.grid_count}).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, key: str = "decode output") -> "DecodeOutput":
         try:
             d = json.loads(data)
-            return cls(masks_key=str(d["masks_key"]), phrases=[GroundedPhrase.from_json(p) for p in d["phrases"]])
+            count = d.get("grid_count")
+            return cls(masks_key=str(d["masks_key"]), phrases=[GroundedPhrase.from_json(p) for p in d["phrases"]],
+                       grid_count=None if count is None else int(count))
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidInput(f"{key} is not a decode output: {exc!r}") from None

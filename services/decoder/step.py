@@ -66,7 +66,7 @@ def make_handler(core: DecoderCore, store: ObjectStore) -> StepHandler:
                    for p in proposal.phrases for masks in [ground(core, embedding_key, p)]]
         phrases += [GroundedPhrase(n.text, True, [], False, n.source) for n in proposal.hard_negatives]
         key = step_key(request.item_id, "decode")
-        store.put(key, DecodeOutput(result.masks_key, phrases).to_bytes(), content_type="application/json")
+        store.put(key, DecodeOutput(result.masks_key, phrases, len(result.masks)).to_bytes(), content_type="application/json")
         return {"masks_key": result.masks_key, "decode_key": key, "count": len(result.masks),
                 "instances": sum(len(p.masks) for p in phrases), "encoder_id": core.encoder_id,
                 "decoder_id": core.decoder_id}

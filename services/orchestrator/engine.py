@@ -247,16 +247,18 @@ class Orchestrator:
             f"verifier score {verification.score:.3f} "
             + ("below review threshold" if state == ItemState.REJECTED else "needs a human check"))
         item.move(state, reason)
-        self._mine(item)
+        self._mine(item, decoded.grid_count)
 
-    def _mine(self, item: Item) -> None:
+    def _mine(self, item: Item, grid_count: int | None) -> None:
         """Count the item's phrases into the store's phrase sets and, when it goes to a human, give
-        it its failure modes and queue priority; every routing is kept in ``item.mining``."""
-        positives = list(dict.fromkeys(p.phrase for p in item.phrases if not p.is_negative))
+        it its failure modes and queue priority; every routing is kept in ``item.mining``.
+        grid_count: the decode output's grid masks (None, from an older decoder: read the grid)."""
+        positives = _positives(item)
         self.index.put_phrases(item.item_id, positives)
         if item.state in (ItemState.REVIEW, ItemState.REJECTED):
-            grid = json.loads(self.store.get(item.grid_masks_key)).get("annotations", []) if item.grid_masks_key else []
-            record = assess(item, self.mining, len(grid), self.index.carriers(positives), now())
+            if grid_count is None:
+                grid_count = len(self.grid_masks(item))
+            record = assess(item, self.mining, grid_count, self.index.carriers(positives), now())
             item.failure_modes = record.modes
             for mode in record.modes:
                 FAILURE_MODES_FOUND.labels(mode).inc()
@@ -317,8 +319,7 @@ class Orchestrator:
             self.index.put(item)
             put_review_events(self.index, item)
             if VERIFY in item.done:
-                self.index.put_phrases(item.item_id, list(dict.fromkeys(
-                    p.phrase for p in item.phrases if not p.is_negative)))
+                self.index.put_phrases(item.item_id, _positives(item))
             if not item.settled:
                 unfinished.append(item)
         return unfinished
@@ -388,6 +389,11 @@ class Orchestrator:
     def submit_review(self, submission: ReviewSubmission) -> Item:
         """A human's decision on an item they hold: accept with their phrases and masks, or discard."""
         return self.desk.submit(submission)
+
+
+def _positives(item: Item) -> list[str]:
+    """The item's positive phrases, each once, in order (what the phrase sets count)."""
+    return list(dict.fromkeys(p.phrase for p in item.phrases if not p.is_negative))
 
 
 def _model_id(out: dict, *names: str) -> str:

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from services.cli import app
 from services.common.errors import InvalidInput
 from services.common.failure_modes import FAILURE_MODES, MiningPolicy
+from services.common.decoded import DecodeOutput
 from services.common.masks import MaskRecord
 from services.common.sam_models import load_sam
 from services.common.settings import Settings
@@ -30,7 +31,7 @@ from services.concepts.core import ConceptsCore
 from services.embedded import EmbeddedEngine
 from services.orchestrator.index import MemoryIndex, RedisIndex
 from services.orchestrator.mining import phrase_modes
-from services.orchestrator.model import PROPOSE, VERIFY, Item, ItemState, PhraseResult, Stage
+from services.orchestrator.model import DECODE, PROPOSE, VERIFY, Item, ItemState, PhraseResult, Stage
 from services.verifier import step as verifier_step
 from services.verifier.core import VerifierCore
 from tests.decoder.test_model_identity import fine_tuned_copy
@@ -250,3 +251,13 @@ def test_report_counts_modes_and_the_change_since_the_last_model(tmp_path, tiny_
     assert table.exit_code == 0 and "low_mask_quality" in table.stdout and "-1" in table.stdout, table.stdout
     missing = runner.invoke(app, ["mining", "--run", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "holds no engine store" in missing.output
+
+
+def test_a_crowded_grid_is_counted_from_the_decode_output(tmp_path, tiny_sam):
+    engine, ids, _ = route(tmp_path, tiny_sam, {"c": ["cat"]}, mining_crowded_instances=100,
+                           mining_crowded_grid_masks=1, mining_rare_phrase_items=0)
+    orch = engine.orchestrator
+    it = orch.load(ids["c"])
+    decoded = DecodeOutput.from_bytes(orch.store.get(it.outputs[DECODE]))
+    assert decoded.grid_count == len(orch.grid_masks(it)) >= 1  # no grid read at routing: the count travels
+    assert it.failure_modes == ["crowded_scene"]

@@ -370,7 +370,8 @@ function renderInfo() {
     ["source", v.source, "info-source"], ["stage", v.stage, "info-stage"], ["state", v.state, "info-state"],
     ["score", fmt(v.score, 3), "info-score"], ["band", v.band || "–", "info-band"],
     ["reason", v.reason || "–", "info-reason"],
-    ["why", (v.failure_modes || []).map((m) => m.replaceAll("_", " ")).join(", ") || "–", "info-why"], ["size", `${v.width} × ${v.height}`, "info-size"],
+    ["why", (v.failure_modes || []).map((m) => m.replaceAll("_", " ")).join(", ") || "–", "info-why"],
+    ["size", `${v.width} × ${v.height}`, "info-size"],
   ];
   if (v.audit_of) rows.push(["audit of", v.audit_of, "info-audit"]);
   for (const [k, val, tid] of rows) {
