@@ -34,10 +34,10 @@ from PIL import Image, ImageDraw  # noqa: E402
 from bench.models import bench_checkpoint  # noqa: E402
 from services.common.sam_models import load_sam  # noqa: E402
 from services.common.settings import Settings  # noqa: E402
-from services.embedded import EmbeddedEngine  # noqa: E402
+from services.app.embedded import EmbeddedEngine  # noqa: E402
 from services.orchestrator.model import Stage  # noqa: E402
 from services.studio.app import create_app  # noqa: E402
-from services.studio_local import embedded_backend  # noqa: E402
+from services.app.studio_local import embedded_backend  # noqa: E402
 from tests.servers import UvicornThread  # noqa: E402
 from tests.studio.browser import chromium_missing, launched  # noqa: E402
 

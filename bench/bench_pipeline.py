@@ -45,11 +45,11 @@ from PIL import Image  # noqa: E402
 
 from services.common.sam_models import load_sam, save_random_checkpoint  # noqa: E402
 from services.common.settings import Settings  # noqa: E402
-from services.embedded import EmbeddedEngine  # noqa: E402
+from services.app.embedded import EmbeddedEngine  # noqa: E402
 from services.common.image_source import ImageSource  # noqa: E402
 from services.orchestrator.index import PREFIX  # noqa: E402
 from services.orchestrator.model import DECODE, EMBED, PROPOSE, SETTLED, VERIFY  # noqa: E402
-from services.serve import SERVICES  # noqa: E402
+from services.app.serve import SERVICES  # noqa: E402
 from tests.servers import free_port, redis_server, start_celery_worker, stop_worker  # noqa: E402
 
 GRID = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}

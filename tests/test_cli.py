@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from services.cli import app
+from services.app.cli import app
 from services.common.masks import decode_rle
 
 runner = CliRunner()

@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from services.cli import app
+from services.app.cli import app
 from services.common.masks import MaskRecord, encode_rle
 from services.common.promotion import HISTORY, pointer_path
 from services.common.review import ReviewSubmission, ReviewedMask, ReviewedPhrase
 from services.common.sam_models import file_sha256, save_random_checkpoint
 from services.common.settings import Settings
 from services.common.splits import held_out
-from services.embedded import EmbeddedEngine
+from services.app.embedded import EmbeddedEngine
 from services.orchestrator.model import manifest_key
 from tests.decoder.test_finetune import shape_image
 

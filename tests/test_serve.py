@@ -53,7 +53,7 @@ def test_serve_embedder_grpc_and_worker_then_sigterm(redis_url, s3_endpoint, tin
            "DATAENGINE_CHECKPOINT": str(tiny_checkpoint), "DATAENGINE_EMBEDDER_PORT": str(port),
            "DATAENGINE_HOST": "127.0.0.1", "DATAENGINE_SHUTDOWN_GRACE_S": "2"}
     log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "embedder"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "services.app.cli", "serve", "embedder"], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options(64 << 20))
@@ -107,7 +107,7 @@ def test_serve_every_other_service_then_sigterm(service, broker, tmp_path):
            "DATAENGINE_BROKER_URL": broker, f"DATAENGINE_{service.upper()}_PORT": str(port),
            "DATAENGINE_HOST": "127.0.0.1", "DATAENGINE_SHUTDOWN_GRACE_S": "2"}
     log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", service], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "services.app.cli", "serve", service], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options(64 << 20))

@@ -3,7 +3,7 @@
 In a deployment the studio is a client of the orchestrator (review queue, leases, submissions) and
 the decoder (``Predict`` on the cached embedding), and reads images from the object store. The
 in-process implementation over the embedded engine's cores (``dataengine studio OUT_DIR``) lives at
-the top, in ``services/studio_local.py``: a service never imports another service.
+the top, in ``services/app/studio_local.py``: a service never imports another service.
 
 Items travel as ``orchestrator_pb2.Item`` either way (the in-process side converts its items with
 the same ``to_proto`` the servicer uses), so one converter makes the page's view.

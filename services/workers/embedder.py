@@ -4,6 +4,6 @@ Settings come from the ``DATAENGINE_*`` environment; the model is loaded on the 
 """
 
 from services.common.settings import get_settings
-from services.serve import make_worker_app
+from services.app.serve import make_worker_app
 
 app = make_worker_app("embedder", get_settings())

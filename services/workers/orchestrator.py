@@ -4,6 +4,6 @@ Settings come from the ``DATAENGINE_*`` environment; the core is built on the fi
 """
 
 from services.common.settings import get_settings
-from services.serve import make_worker_app
+from services.app.serve import make_worker_app
 
 app = make_worker_app("orchestrator", get_settings())

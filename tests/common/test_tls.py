@@ -119,7 +119,7 @@ def test_the_cli_speaks_tls_from_the_settings(pki, mtls_server):
     """``dataengine status`` against a server that requires mTLS: refused in plaintext, served with
     the files (the server has no orchestrator: UNIMPLEMENTED proves the RPC got through)."""
     def status(tls: TlsFiles) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "services.cli", "status", "--address", mtls_server],
+        return subprocess.run([sys.executable, "-m", "services.app.cli", "status", "--address", mtls_server],
                               env=_env(tls), capture_output=True, text=True, timeout=120)
 
     plain = status(PLAINTEXT)

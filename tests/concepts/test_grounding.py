@@ -167,9 +167,9 @@ def test_the_run_and_concepts_commands_take_the_grounding_backend(model_dirs, tm
     from PIL import Image
     from typer.testing import CliRunner
 
-    from services.cli import app
+    from services.app.cli import app
     from services.common.storage import LocalStore
-    from services.embedded import STORE_DIR
+    from services.app.embedded import STORE_DIR
     from services.orchestrator.model import Item, manifest_key
 
     photos = tmp_path / "photos"

@@ -20,7 +20,7 @@ from services.common.keys import step_key
 from services.common.pb import common_pb2, concepts_pb2, concepts_pb2_grpc
 from services.common.settings import Settings
 from services.common.steps import StepRequest, run_step
-from services import concepts_commands as commands
+from services.app import concepts_commands as commands
 from services.concepts import core as concepts_core
 from services.concepts.core import ConceptsCore, make_backend
 from services.concepts.ontology import RELATION_SCORES, OntologyBackend, Taxonomy
@@ -386,7 +386,7 @@ def cli(tmp_path, monkeypatch):
     monkeypatch.setenv("DATAENGINE_STORE_ROOT", str(tmp_path / "store"))
     monkeypatch.setitem(concepts_core.BACKENDS, "pixels", lambda settings: PixelBackend())
     app = typer.Typer()
-    app.callback()(lambda: None)  # a group, as in services.cli, not a lone command
+    app.callback()(lambda: None)  # a group, as in services.app.cli, not a lone command
     commands.register(app)
     (tmp_path / "a.png").write_bytes(png())
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")

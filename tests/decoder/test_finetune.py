@@ -180,7 +180,7 @@ def _run_dir(tmp_path: Path, shapes: list[Example]) -> Path:
     from services.common.keys import manifest_key
     from services.common.masks import MaskRecord, encode_rle
     from services.common.storage import LocalStore
-    from services.embedded import STORE_DIR
+    from services.app.embedded import STORE_DIR
     from services.orchestrator.model import Item, ItemState, PhraseResult
     from tests.decoder.builders import put
 
@@ -200,7 +200,7 @@ def _run_dir(tmp_path: Path, shapes: list[Example]) -> Path:
 def test_train_decoder_and_eval_masks_on_a_run_folder(shapes, tiny_checkpoint, tmp_path):
     from typer.testing import CliRunner
 
-    from services.cli import app
+    from services.app.cli import app
 
     run = _run_dir(tmp_path, shapes[:10])
     runner = CliRunner()

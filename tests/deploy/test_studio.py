@@ -31,7 +31,7 @@ def image_command() -> list[str]:
     (entrypoint,) = [json.loads(a) for i, a in stages["runtime"] if i == "ENTRYPOINT"]
     (cmd,) = [json.loads(a) for i, a in stages[STUDIO] if i == "CMD"]
     assert entrypoint[0] == "dataengine", DOCKERFILE
-    return [sys.executable, "-m", "services.cli", *entrypoint[1:], *cmd]
+    return [sys.executable, "-m", "services.app.cli", *entrypoint[1:], *cmd]
 
 
 def compose_healthcheck(port: int) -> list[str]:

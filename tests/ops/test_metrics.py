@@ -113,7 +113,7 @@ def test_every_service_exposes_metrics_that_move_with_the_work(broker, tiny_chec
             service_env = {**env, f"DATAENGINE_{service.upper()}_PORT": str(grpc_ports[service]),
                            "DATAENGINE_METRICS_PORT": str(metrics_ports[service])}
             log = open(tmp_path / f"{service}.log", "wb")
-            procs[service] = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", service],
+            procs[service] = subprocess.Popen([sys.executable, "-m", "services.app.cli", "serve", service],
                                               env=service_env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while True:  # every /metrics answers once its process has built its core

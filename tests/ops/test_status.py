@@ -10,9 +10,9 @@ import json
 from rich.console import Console
 from typer.testing import CliRunner
 
-from services.cli import app
+from services.app.cli import app
 from services.orchestrator.model import Stats
-from services.status_view import Throughput, settled_count, watch
+from services.app.status_view import Throughput, settled_count, watch
 from tests.orchestrator.test_servicer import engine, inline, png, run, server, stub, submit  # noqa: F401
 
 runner = CliRunner()

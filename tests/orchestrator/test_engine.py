@@ -20,7 +20,7 @@ from services.common.settings import Settings
 from services.common.verdicts import PairVerdict, Verdict, Verification
 from services.concepts import step as concepts_step
 from services.concepts.core import ConceptsCore
-from services.embedded import EmbeddedEngine
+from services.app.embedded import EmbeddedEngine
 from services.common.image_source import ImageSource
 from services.orchestrator.model import DECODE, EMBED, PROPOSE, VERIFY, ItemState, Stage
 from services.orchestrator.routing import Thresholds

@@ -54,7 +54,7 @@ def test_labels_a_client_should_not_send(engine, stub, labels, message):
 def test_submit_sends_the_good_files_and_reports_the_bad_ones(engine, server, tmp_path):
     from typer.testing import CliRunner
 
-    from services.cli import app
+    from services.app.cli import app
 
     _, address = server
     folder = tmp_path / "photos"

@@ -18,7 +18,7 @@ from PIL import Image
 from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
-from services.cli import app
+from services.app.cli import app
 from services.common.errors import InvalidInput
 from services.common.failure_modes import FAILURE_MODES, MiningPolicy
 from services.common.decoded import DecodeOutput
@@ -28,7 +28,7 @@ from services.common.settings import Settings
 from services.common.verdicts import PairVerdict, Verdict, Verification
 from services.concepts import step as concepts_step
 from services.concepts.core import ConceptsCore
-from services.embedded import EmbeddedEngine
+from services.app.embedded import EmbeddedEngine
 from services.orchestrator.index import MemoryIndex, RedisIndex
 from services.orchestrator.mining import phrase_modes
 from services.orchestrator.model import DECODE, PROPOSE, VERIFY, Item, ItemState, PhraseResult, Stage

@@ -11,11 +11,11 @@ import redis
 from PIL import Image
 from typer.testing import CliRunner
 
-from services.cli import app
+from services.app.cli import app
 from services.common.settings import Settings
 from services.common.image_source import ImageSource
 from services.orchestrator.model import ItemState
-from services.serve import SERVICES
+from services.app.serve import SERVICES
 
 
 def png(seed: int) -> bytes:

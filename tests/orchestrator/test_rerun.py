@@ -19,7 +19,7 @@ from services.common.sam_models import load_sam
 from services.common.settings import Settings
 from services.concepts import step as concepts_step
 from services.concepts.core import ConceptsCore
-from services.embedded import EmbeddedEngine
+from services.app.embedded import EmbeddedEngine
 from services.orchestrator.model import DECODE, EMBED, PROPOSE, VERIFY, ItemState, Stage, manifest_key
 from services.verifier import step as verifier_step
 from services.verifier.core import VerifierCore

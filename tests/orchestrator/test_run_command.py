@@ -11,7 +11,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
-from services.cli import app
+from services.app.cli import app
 
 GRID = '{"points_per_side": 4, "pred_iou_thresh": 0, "stability_score_thresh": 0}'
 

@@ -15,13 +15,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from services.cli import app as cli_app
+from services.app.cli import app as cli_app
 from services.common.errors import TransientError
 from services.common.keys import sha256_hex
 from services.common.pb import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 from services.common.queues import create_celery
 from services.common.settings import Settings
-from services.embedded import STORE_DIR, EmbeddedEngine
+from services.app.embedded import STORE_DIR, EmbeddedEngine
 from services.orchestrator.index import queue_depths
 from services.orchestrator.model import PROPOSE, VERIFY, ItemState, Stage, item_id_for
 from services.orchestrator.servicer import add_to_server

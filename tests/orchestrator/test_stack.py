@@ -21,7 +21,7 @@ from services.common.settings import Settings
 from services.orchestrator import exports
 from services.common.image_source import ImageSource
 from services.orchestrator.model import STEPS, SETTLED, ItemState
-from services.serve import SERVICES
+from services.app.serve import SERVICES
 from tests.conftest import S3_KEY, S3_SECRET
 from tests.servers import celery_worker, start_celery_worker, stop_worker
 

@@ -25,10 +25,10 @@ from services.common.settings import Settings
 from services.common.verdicts import PairVerdict, Verdict, Verification
 from services.concepts import step as concepts_step
 from services.concepts.core import ConceptsCore
-from services.embedded import EmbeddedEngine
+from services.app.embedded import EmbeddedEngine
 from services.orchestrator.model import PROPOSE, VERIFY, Stage
 from services.studio.app import create_app
-from services.studio_local import InProcessBackend, embedded_backend
+from services.app.studio_local import InProcessBackend, embedded_backend
 from services.verifier import step as verifier_step
 from services.verifier.core import VerifierCore
 from tests.orchestrator.test_engine import GRID, ScriptedVerifier

@@ -128,7 +128,7 @@ def test_the_annotator_loop_end_to_end(api):
 def test_dataengine_refresh_exports_the_human_work(studio: Studio):
     from typer.testing import CliRunner
 
-    from services.cli import app as cli
+    from services.app.cli import app as cli
 
     ann = client(studio.url)
     item = ann.post("/api/next").json()

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
-from services.cli import app as cli
+from services.app.cli import app as cli
 from services.common.auth import TokenFile, authorize, digest
 from services.common.errors import InvalidInput, PermissionDenied, Unauthenticated
 from services.common.grpc_server import client_channel

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from services.cli import app
+from services.app.cli import app
 from services.common.sam_models import save_random_checkpoint
 from services.decoder.servicer import add_to_server as add_decoder
 from services.orchestrator.servicer import add_to_server as add_orchestrator
@@ -30,8 +30,8 @@ def studio_process(args: list[str], env: dict[str, str], log: Path):
     """`dataengine ARGS` in its own process; yields its base URL once /healthz answers."""
     port = free_port()
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args, "--port", str(port)] if args[0] == "studio"
-                                else [sys.executable, "-m", "services.cli", *args],
+        proc = subprocess.Popen([sys.executable, "-m", "services.app.cli", *args, "--port", str(port)] if args[0] == "studio"
+                                else [sys.executable, "-m", "services.app.cli", *args],
                                 env={**os.environ, "DATAENGINE_STUDIO_PORT": str(port), **env},
                                 stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

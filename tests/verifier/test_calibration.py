@@ -21,11 +21,11 @@ from services.common.masks import sa1b_document
 from services.common.settings import Settings
 from services.common.storage import LocalStore
 from services.orchestrator.model import Item, ItemState, PhraseResult, manifest_key
-from services.calibrate_command import register
+from services.app.calibrate_command import register
 from services.verifier.calibration import Calibration, CalibrationFile, Examples, brier, ece, fit
-from services.calibration_data import examples_from_jsonl, examples_from_store
+from services.app.calibration_data import examples_from_jsonl, examples_from_store
 from services.verifier.core import PhrasePair, VerifierCore
-from services.eval_commands import register as register_eval
+from services.app.eval_commands import register as register_eval
 from services.verifier.heuristic import FEATURES, HeuristicVerifier, logit
 from tests.verifier.test_verifier import SIZE, drawn, mask
 

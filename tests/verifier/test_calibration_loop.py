@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from services.cli import app
+from services.app.cli import app
 from services.common.decoded import DecodeOutput, GroundedPhrase
 from services.common.errors import FailedPrecondition
 from services.common.masks import sa1b_document
@@ -22,7 +22,7 @@ from services.orchestrator.engine import Orchestrator
 from services.orchestrator.index import MemoryIndex
 from services.orchestrator.model import Item, ItemState, PhraseResult, Stage
 from services.verifier.calibration import CalibrationFile, Examples, brier, ece, fit, fit_all, fit_check
-from services.calibration_data import (examples_from_mask_decisions, examples_from_phrase_decisions,
+from services.app.calibration_data import (examples_from_mask_decisions, examples_from_phrase_decisions,
                                                 examples_from_store)
 from services.verifier.core import PhrasePair, VerifierCore
 from services.verifier.heuristic import FEATURES, HeuristicVerifier

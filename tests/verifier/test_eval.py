@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from services.common.errors import InvalidInput
 from services.orchestrator.routing import Thresholds
-from services.eval_commands import register
+from services.app.eval_commands import register
 from services.verifier.evaluation import PairScore, evaluate, most_favourable, score_pair
-from services.routing_eval import evaluate_routing
+from services.app.routing_eval import evaluate_routing
 
 DATA = Path(__file__).parent / "data" / "saco_eval"
 EXPECTED = json.loads((DATA / "expected.json").read_text())

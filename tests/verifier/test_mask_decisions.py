@@ -8,14 +8,14 @@ import json
 import numpy as np
 from typer.testing import CliRunner
 
-from services.cli import app
+from services.app.cli import app
 from services.common.review import ReviewedMask, ReviewedPhrase, ReviewSubmission
 from services.common.storage import LocalStore
 from services.orchestrator.engine import Orchestrator
 from services.orchestrator.index import MemoryIndex
 from services.orchestrator.model import ItemState, PhraseResult
 from services.verifier.calibration import fit
-from services.calibration_data import examples_from_mask_decisions
+from services.app.calibration_data import examples_from_mask_decisions
 from services.verifier.heuristic import FEATURES, HeuristicVerifier
 from tests.orchestrator.test_review import NoDispatch, box_mask, put
 

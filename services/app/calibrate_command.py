@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from services.cli_common import fail, settings as make_settings
+from services.app.cli_common import fail, settings as make_settings
 from services.common.errors import DataEngineError
 
 # --labels name -> the model its decisions train
@@ -51,7 +51,7 @@ def calibrate(
     after on the held-out split and the training split. The saved models are refit on all data."""
     from services.common.storage import open_store
     from services.verifier.calibration import Examples, fit_all
-    from services.calibration_data import (examples_from_jsonl, examples_from_mask_decisions,
+    from services.app.calibration_data import (examples_from_jsonl, examples_from_mask_decisions,
                                                     examples_from_phrase_decisions, examples_from_store)
     from services.verifier.heuristic import HeuristicVerifier
 

@@ -21,9 +21,9 @@ from typing import Optional
 
 import typer
 
-from services.cli_common import console, fail, settings as make_settings
+from services.app.cli_common import console, fail, settings as make_settings
 from services.common.errors import DataEngineError, FailedPrecondition
-from services.train_commands import RUN, human_examples, measure, open_run_store
+from services.app.train_commands import RUN, human_examples, measure, open_run_store
 
 RESTART = ("restart the services that load SAM (decoder, embedder, studio: `kubectl rollout restart "
            "deployment/decoder deployment/embedder deployment/studio`, or `docker compose restart`)")
@@ -126,7 +126,7 @@ def rerun(
 ) -> None:
     """Decode and verify again the items waiting in review or the fix queue that no human settled
     or holds, with the decoder in service; they are routed anew. JSON summary on stdout."""
-    from services.engine_commands import parse_amg
+    from services.app.engine_commands import parse_amg
     from services.orchestrator.model import ItemState
 
     try:
@@ -148,7 +148,7 @@ def rerun(
 
 
 def _rerun_here(settings, run: Path, states):
-    from services.embedded import EmbeddedEngine, refresh_outputs
+    from services.app.embedded import EmbeddedEngine, refresh_outputs
 
     engine = EmbeddedEngine(settings, run)
     summary = engine.rerun(states)
@@ -159,7 +159,7 @@ def _rerun_here(settings, run: Path, states):
 
 def _rerun_deployed(settings, states):
     from services.common.promotion import read_promoted
-    from services.serve import SERVICES
+    from services.app.serve import SERVICES
 
     promoted = None if settings.checkpoint is not None else read_promoted(settings.models_dir, settings.model_type)
     decoder_id = promoted[0].decoder_id if promoted else ""

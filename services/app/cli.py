@@ -9,9 +9,9 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from services.cli_common import collect_images, fail as _fail, progress as _progress, settings as _settings
+from services.app.cli_common import collect_images, fail as _fail, progress as _progress, settings as _settings
 from services.common.errors import DataEngineError
-from services import (calibrate_command, concepts_commands, engine_commands, eval_commands, mining_command,
+from services.app import (calibrate_command, concepts_commands, engine_commands, eval_commands, mining_command,
                       model_commands, studio_commands, train_commands)
 
 
@@ -52,7 +52,7 @@ def masks(
 ) -> None:
     """Automatic mask generation (as segment-anything's scripts/amg.py), one SA-1B JSON per image."""
     from services.common.amg_params import AmgParams
-    from services.pipeline import MaskPipeline
+    from services.app.pipeline import MaskPipeline
 
     try:
         params = AmgParams(
@@ -116,10 +116,10 @@ def serve(
     """Start SERVICE's gRPC server and its Celery worker (queue SERVICE) until SIGTERM; the studio:
     its HTTP server (DATAENGINE_STUDIO_PORT) over the orchestrator and decoder named by
     DATAENGINE_ORCHESTRATOR_ADDRESS and DATAENGINE_DECODER_ADDRESS."""
-    from services.serve import SERVICES, run_service
+    from services.app.serve import SERVICES, run_service
 
     if service == "studio":
-        from services.serve import open_tokens
+        from services.app.serve import open_tokens
         from services.studio.server import grpc_backend, serve as serve_studio
 
         settings = _settings()

@@ -13,9 +13,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from services.cli_common import fail, stdout
+from services.app.cli_common import fail, stdout
 from services.common.errors import DataEngineError
-from services.train_commands import RUN, open_run_store
+from services.app.train_commands import RUN, open_run_store
 
 
 def mining(

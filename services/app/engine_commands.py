@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 import typer
 from rich.table import Table
 
-from services.cli_common import (GROUNDING, GROUNDING_MODEL_DIR, GROUNDING_VOCABULARY, collect_images, console, fail,
+from services.app.cli_common import (GROUNDING, GROUNDING_MODEL_DIR, GROUNDING_VOCABULARY, collect_images, console, fail,
                                  file_name, progress, settings as make_settings, stdout)
 from services.common.errors import DataEngineError
 from services.common.settings import Settings
@@ -63,7 +63,7 @@ def run(
 
     Interrupted and started again with the same OUT, it resumes without redoing finished steps.
     """
-    from services.embedded import EmbeddedEngine
+    from services.app.embedded import EmbeddedEngine
 
     settings = make_settings(model_type=model_type, checkpoint=checkpoint, device=device, amg_params=parse_amg(amg_params),
                              grounding_backend=grounding, grounding_model_dir=grounding_model_dir,
@@ -119,7 +119,7 @@ def refresh(
 ) -> None:
     """Rewrite OUT's exports and report.json from its manifests, after a review in the studio
     (human masks, decisions and provenance included). Needs no model."""
-    from services.embedded import refresh_outputs
+    from services.app.embedded import refresh_outputs
 
     try:
         paths, counts = refresh_outputs(out)
@@ -239,7 +239,7 @@ def status(
     from services.common.pb import orchestrator_pb2, orchestrator_pb2_grpc
     from services.common.review import AnnotatorFigures
     from services.orchestrator.model import Stats
-    from services.status_view import watch as watch_view
+    from services.app.status_view import watch as watch_view
 
     settings = make_settings()
     stub = orchestrator_pb2_grpc.OrchestratorStub(_channel(settings, address))
@@ -301,7 +301,7 @@ def reconcile() -> None:
     """Rebuild the Redis indices from the manifests in the object store and re-enqueue the pending
     steps of every unfinished item (after Redis lost its data). Steps still in flight may run
     twice; their outputs overwrite the same keys and their second report is ignored."""
-    from services.serve import SERVICES
+    from services.app.serve import SERVICES
 
     settings = make_settings()
     try:

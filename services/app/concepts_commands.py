@@ -11,8 +11,8 @@ from typing import Optional
 
 import typer
 
-from services.cli_common import GROUNDING, GROUNDING_MODEL_DIR, GROUNDING_VOCABULARY, fail
-from services.cli_common import settings as make_settings
+from services.app.cli_common import GROUNDING, GROUNDING_MODEL_DIR, GROUNDING_VOCABULARY, fail
+from services.app.cli_common import settings as make_settings
 from services.common.errors import DataEngineError, InvalidInput, NotFound
 
 LABEL_HELP = ("A noun phrase known to be in the image (repeat for more); the offline backends propose "

@@ -17,7 +17,7 @@ from services.common.storage import LocalStore
 from services.decoder.core import DecoderCore
 from services.decoder.prompts import Prompt
 from services.orchestrator.dispatch import InlineDispatcher
-from services.embedded import STORE_DIR
+from services.app.embedded import STORE_DIR
 from services.orchestrator.engine import Orchestrator
 from services.orchestrator.index import MemoryIndex
 from services.orchestrator.model import Item

@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from services.cli_common import console, fail, settings as make_settings
+from services.app.cli_common import console, fail, settings as make_settings
 from services.common.embedding import StoredEmbedding
 from services.common.errors import DataEngineError, FailedPrecondition
 from services.common.storage import LocalStore, ObjectStore, open_store
@@ -89,7 +89,7 @@ def open_run_store(run: Path | None) -> ObjectStore:
     """The store of a `dataengine run --out` folder, else the one the settings name."""
     if run is None:
         return open_store(make_settings())
-    from services.embedded import STORE_DIR
+    from services.app.embedded import STORE_DIR
 
     if not (run / STORE_DIR).is_dir():
         fail(f"{run} holds no engine store ({STORE_DIR}/): run dataengine run IMAGES --out {run}")
@@ -121,7 +121,7 @@ def train_decoder(
 ) -> None:
     """Fine-tune SAM's mask decoder on the human-accepted masks (image encoder frozen, stored
     embeddings); resumes in OUT where it stopped. Prints the model card."""
-    from services.cli_common import progress
+    from services.app.cli_common import progress
     from services.decoder.finetune import TrainConfig
     from services.decoder.training import train_decoder as train
 

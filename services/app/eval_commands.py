@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from services.cli_common import fail, settings as make_settings
+from services.app.cli_common import fail, settings as make_settings
 from services.common.errors import DataEngineError
 
 
@@ -55,7 +55,7 @@ def evaluate_routing(
     """Precision and recall of auto-accept and auto-reject against human decisions, the share sent
     to review, and the routed-state x human-decision counts."""
     from services.orchestrator.routing import Thresholds
-    from services.routing_eval import evaluate_routing as run
+    from services.app.routing_eval import evaluate_routing as run
 
     from services.common.storage import open_store
 

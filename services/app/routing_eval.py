@@ -135,7 +135,7 @@ def decisions_from_store(store: ObjectStore, thresholds: Thresholds) -> list[Dec
     ``dataengine calibrate`` trains on): routed as ``thresholds`` route its score in stage 3,
     accepted when the human accepted it. Items nobody reviewed carry no human decision."""
     from services.orchestrator.exports import iter_items  # the orchestrator's manifest reader
-    from services.calibration_data import unreviewed_reason
+    from services.app.calibration_data import unreviewed_reason
 
     return [Decision(thresholds.route(item.score), item.state == ItemState.ACCEPTED)
             for item in iter_items(store, (ItemState.ACCEPTED, ItemState.DISCARDED))

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from services.cli_common import console, fail, settings as make_settings
+from services.app.cli_common import console, fail, settings as make_settings
 from services.common.errors import DataEngineError
 
 
@@ -22,7 +22,7 @@ def studio(
     """Review OUT_DIR's items in the browser (stages 1 and 2); then `dataengine refresh OUT_DIR`."""
     from services.studio.identity import Caller
     from services.studio.server import serve
-    from services.studio_local import embedded_backend
+    from services.app.studio_local import embedded_backend
 
     settings = make_settings(model_type=model_type, checkpoint=checkpoint, device=device)
     try:
