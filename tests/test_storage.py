@@ -64,3 +64,47 @@ def test_unreachable_store_is_transient():
     # Nothing listens on port 9 (discard): the server may come back, so this one is retried.
     with pytest.raises(TransientError, match="127.0.0.1:9"):
         MinioStore("127.0.0.1:9", "k", "s", bucket="fine-bucket")
+
+
+def _listed_by_full_walk(store, prefix: str) -> list[str]:
+    """What LocalStore.list returned before it walked only the prefix's folder: every file under
+    the root, sorted as paths, filtered by prefix."""
+    keys = (p.relative_to(store.root).as_posix() for p in sorted(store.root.rglob("*"))
+            if p.is_file() and not p.name.startswith(".tmp-"))
+    return [k for k in keys if k.startswith(prefix)]
+
+
+@pytest.mark.parametrize("prefix", [
+    "",               # everything
+    "items/",         # a whole folder
+    "items/ab",       # part of a name: ab, ab-c and abc, not b
+    "items/ab/",      # one item's folder
+    "items/ab/m",     # a file name's start
+    "items",          # a name's start at the root: items/ and items2/
+    "items/ab/manifest.json",  # one key
+    "nowhere/",       # a folder that does not exist
+    "items/ab/manifest.json/x",  # a file named as a folder
+    "../",            # outside the root: nothing, never the parent
+    "items//",        # an empty segment
+    "/items/",        # absolute
+])
+def test_local_list_walks_only_the_prefix_and_matches_a_full_walk(local_store, prefix):
+    for key in ["items/ab/manifest.json", "items/ab/decode.json", "items/ab-c/manifest.json",
+                "items/abc/manifest.json", "items/b/manifest.json", "items2/x", "images/ab", "a-b", "a/b"]:
+        local_store.put(key, b"x")
+    (local_store.root / "items" / "ab" / ".tmp-123").write_bytes(b"half")  # an unfinished write
+    listed = local_store.list(prefix)
+    assert iter(listed) is listed  # a generator: keys come as the walk finds them
+    assert list(listed) == _listed_by_full_walk(local_store, prefix)
+
+
+def test_local_list_does_not_read_folders_outside_the_prefix(local_store, monkeypatch):
+    import os
+
+    local_store.put("items/a/manifest.json", b"{}")
+    local_store.put("images/a", b"x")
+    scanned = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: scanned.append(str(path)) or real_scandir(path))
+    assert list(local_store.list("items/")) == ["items/a/manifest.json"]
+    assert not any("images" in path for path in scanned) and str(local_store.root) not in scanned

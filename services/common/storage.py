@@ -78,11 +78,31 @@ class LocalStore:
         self._path(key).unlink(missing_ok=True)
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        for path in sorted(self.root.rglob("*")):
-            if path.is_file() and not path.name.startswith(".tmp-"):
-                key = path.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    yield key
+        """Keys starting with ``prefix``, sorted segment by segment (as sorted paths), lazily.
+
+        Only the folder the prefix names is walked (``items/ab`` lists ``root/items`` for names
+        starting with ``ab``, then their subfolders), depth first, holding one listing per level:
+        a store of images, embeddings and masks is not read to find its manifests. Temporary files
+        of unfinished writes (``.tmp-*``) are not keys.
+        """
+        def walk(folder: Path, key_prefix: str, start: str = "") -> Iterator[str]:
+            try:
+                with os.scandir(folder) as entries:
+                    # (name, kind) from the listing's d_type, no stat per entry; names are unique
+                    listing = sorted((e.name, "dir" if e.is_dir(follow_symlinks=False) else
+                                      "file" if e.is_file() else "") for e in entries if e.name.startswith(start))
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            for name, kind in listing:
+                if kind == "dir":
+                    yield from walk(folder / name, f"{key_prefix}{name}/")
+                elif kind == "file" and not name.startswith(".tmp-"):
+                    yield key_prefix + name
+
+        folder, _, start = prefix.rpartition("/")
+        if folder and any(part in ("", ".", "..") for part in folder.split("/")):
+            return  # no key has such a segment (and the walk must not leave the root)
+        yield from walk(self.root / folder if folder else self.root, f"{folder}/" if folder else "", start)
 
 
 class MinioStore:
