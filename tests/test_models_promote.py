@@ -24,6 +24,7 @@ from services.common.settings import Settings
 from services.common.splits import held_out
 from services.app.embedded import EmbeddedEngine
 from services.orchestrator.model import manifest_key
+from services.orchestrator.index import ids
 from tests.decoder.test_finetune import shape_image
 
 GRID = '{"points_per_side": 4, "pred_iou_thresh": 0, "stability_score_thresh": 0}'
@@ -59,7 +60,7 @@ def loop(tmp_path_factory, tiny_checkpoint):
         engine.orchestrator.submit_review(ReviewSubmission(item.item_id, "ann", item.lease.token, True, [
             ReviewedPhrase("shape", "shape", masks=[ReviewedMask(record)], exhaustive=True)]))
         reviewed.append(item.item_id)
-    waiting = sorted(set(engine.orchestrator.index.ids()) - set(reviewed))
+    waiting = sorted(set(list(ids(engine.orchestrator.index))) - set(reviewed))
     trained = cli("train", "decoder", "--run", out, "--out", root / "ft", "--model-type", "tiny", "--checkpoint",
                   tiny_checkpoint, "--epochs", "8", "--lr", "2e-3", "--batch-size", "1", "--holdout", "0.3")
     assert trained.exit_code == 0, trained.output

@@ -41,6 +41,7 @@ class ServiceParts:
     register_tasks: Callable | None = None
     make_step: Callable[[object], StepHandler] | None = None
     collector: Callable[[object], object] | None = None  # core -> a Prometheus collector of its own
+    background: Callable[[object, Settings], Callable[[], None] | None] | None = None  # starts a loop; -> its stop
 
 
 def _embedder() -> ServiceParts:
@@ -88,14 +89,24 @@ def _orchestrator() -> ServiceParts:
     from services.orchestrator.dispatch import CeleryDispatcher
     from services.orchestrator.engine import Orchestrator
     from services.orchestrator.index import RedisIndex, queue_depths
+    from services.orchestrator.model import QUEUE_BANDS, ItemState, Stage
+    from services.orchestrator.sweep import QueueProbe, Sweep, start_sweeper
 
     def make(settings: Settings) -> Orchestrator:
         return Orchestrator.from_settings(
             settings, open_store(settings), RedisIndex(settings.broker_url), CeleryDispatcher(create_celery(settings)),
             queue_depths=lambda: queue_depths(settings.broker_url, QUEUES))
 
+    def sweeper(core: Orchestrator, settings: Settings):
+        if not settings.sweep_interval_s:
+            return None
+        sweep = Sweep(core, QueueProbe(settings.broker_url), settings.step_grace_s, settings.step_deadline_s)
+        return start_sweeper(sweep, settings.sweep_interval_s)
+
+    known = {"state": tuple(s.name.lower() for s in ItemState), "stage": tuple(s.name.lower() for s in Stage),
+             "band": QUEUE_BANDS, "queue": tuple(QUEUES)}
     return ServiceParts(make, servicer.add_to_server, tasks.register_tasks,
-                        collector=lambda core: EngineCollector(core.stats))
+                        collector=lambda core: EngineCollector(core.stats, known), background=sweeper)
 
 
 SERVICES: dict[str, Callable[[], ServiceParts]] = {
@@ -160,6 +171,7 @@ def run_service(service: str, settings: Settings, grpc_server: bool = True, work
                   [parts.collector(core)] if parts.collector is not None else [])
     if worker and settings.metrics_port:
         instrument_celery()
+    stop_background = parts.background(core, settings) if parts.background is not None else None
     server = None
     if grpc_server:
         address = f"{settings.host}:{settings.port_of(service)}"
@@ -169,7 +181,11 @@ def run_service(service: str, settings: Settings, grpc_server: bool = True, work
                                     metrics=settings.metrics_port > 0)
         log.info("gRPC serving", extra={"service": service, "key": f"port {port}"})
     if not worker:
-        serve_until_signal(server, settings.shutdown_grace_s)
+        try:
+            serve_until_signal(server, settings.shutdown_grace_s)
+        finally:
+            if stop_background is not None:
+                stop_background()
         return
     if server is not None:
         server.start()
@@ -182,6 +198,8 @@ def run_service(service: str, settings: Settings, grpc_server: bool = True, work
         app.worker_main(["worker", "-Q", service, "-P", "solo", "-c", "1", "-n", f"{service}@%h",
                          "--without-gossip", "--without-mingle", "-l", settings.log_level])
     finally:
+        if stop_background is not None:
+            stop_background()
         if server is not None:
             server.stop(settings.shutdown_grace_s).wait()
 

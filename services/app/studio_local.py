@@ -20,7 +20,7 @@ from services.orchestrator.dispatch import InlineDispatcher
 from services.app.embedded import STORE_DIR
 from services.orchestrator.engine import Orchestrator
 from services.orchestrator.index import MemoryIndex
-from services.orchestrator.model import Item
+from services.orchestrator.model import Item, Stage
 from services.studio.identity import Caller
 
 
@@ -78,7 +78,8 @@ def embedded_backend(settings: Settings, out_dir: Path, sam: LoadedSam | None = 
     orchestrator = Orchestrator.from_settings(settings, store, MemoryIndex(),
                                               InlineDispatcher({}, settings.max_attempts))
     orchestrator.rebuild_index()  # unfinished items stay as they are: `dataengine run` finishes them
-    for item_id, _ in orchestrator.index.queue()[:1]:
+    queued = [entry for stage in Stage for entry in orchestrator.index.free(stage, 0, 1)]
+    for item_id, _ in queued[:1]:
         key = orchestrator.load(item_id).outputs.get("embed", "")
         if key and not key.startswith(f"embeddings/{decoder.encoder_id}/"):
             raise FailedPrecondition(

@@ -65,6 +65,8 @@ FAILURE_MODES_FOUND = Counter("dataengine_failure_modes_total", "Failure modes o
                               "a human, by mode (active mining; an item counts once per mode).", ("mode",))
 REVIEWS = Counter("dataengine_reviews_total", "Human decisions submitted, by kind (review, audit) and decision "
                   "(accept, discard).", ("kind", "decision"))
+STEPS_RESENT = Counter("dataengine_steps_resent_total", "Steps the orchestrator's sweep sent again because "
+                       "their message or report was lost, by step.", ("step",))
 LEASE_EXPIRIES = Counter("dataengine_lease_expiries_total", "Review leases that expired without a submit and "
                          "were handed to the next claimant.")
 # the studio's (one per studio process)
@@ -209,8 +211,11 @@ class EngineCollector:
     ``dataengine_review_backlog{band}`` (unclaimed items waiting for a human, per queue band) and
     ``dataengine_review_backlog_oldest_seconds`` (the age of the longest-waiting one)."""
 
-    def __init__(self, stats: Callable[[], object]) -> None:
+    def __init__(self, stats: Callable[[], object], known: dict[str, tuple[str, ...]] | None = None) -> None:
+        """known: label -> every value it can take ("state", "stage", "band", "queue"): each is
+        exported, 0 where the engine has none, so rates and alerts work from the first scrape."""
         self.stats = stats
+        self.known = known or {}
 
     def describe(self):
         return []  # collected fresh on every scrape
@@ -229,7 +234,7 @@ class EngineCollector:
                 ("dataengine_review_backlog", "Unclaimed items waiting for a human, per queue band.", "band",
                  stats.review_waiting)):
             family = GaugeMetricFamily(name, doc, labels=[label])
-            for key, n in sorted(values.items()):
+            for key, n in sorted({**dict.fromkeys(self.known.get(label, ()), 0), **values}.items()):
                 family.add_metric([str(key)], float(n))
             yield family
         yield GaugeMetricFamily("dataengine_dead_letters", "Steps given up after their retries.",

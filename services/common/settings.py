@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     accept_threshold: float = Field(0.9, ge=0.0, le=1.0)  # s >= this: accepted
     review_threshold: float = Field(0.7, ge=0.0, le=1.0)  # this <= s < accept: review; below: rejected
     max_attempts: int = Field(5, ge=1)  # a step failing this often with storage trouble: dead letter
+    # The self-healing sweep (services/orchestrator/sweep.py): every sweep_interval_s an orchestrator
+    # re-sends the steps sent more than step_grace_s ago that are neither queued, held by a worker,
+    # nor reported; a step a worker holds longer than step_deadline_s is sent again too (0: no sweep)
+    sweep_interval_s: float = Field(5.0, ge=0)
+    step_grace_s: float = Field(15.0, gt=0)
+    step_deadline_s: float = Field(1800.0, gt=0)
     # AmgParams fields for the pipeline's grid masks, as JSON: '{"points_per_side": 16}'; {} = official defaults
     amg_params: dict[str, float | int] = Field(default_factory=dict)
     # "ontology" (offline): known labels + taxonomy hard negatives; "labels"; "openai"; "transformers"
@@ -87,6 +93,7 @@ class Settings(BaseSettings):
     # Human review (the studio): a claim expires this long after its last heartbeat; a share of the
     # human-accepted items goes to a second annotator (audit)
     review_lease_s: float = Field(600.0, gt=0)
+    page_token_max_age_s: float = Field(86400.0, gt=0)  # a ListItems page token older than this: stale
     audit_rate: float = Field(0.05, ge=0.0, le=1.0)
     # Active mining (services/common/failure_modes.py): the bars of the failure modes of an item routed
     # to a human, and the review queue's weights over them as JSON ('{"rare_phrase": 2}'; {} = defaults)

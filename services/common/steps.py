@@ -37,6 +37,16 @@ def step_task_name(step: str) -> str:
     return f"{STEP_SERVICE[step]}.step"
 
 
+# Message headers naming the item and step a queued message is about (and when the step was sent):
+# the orchestrator's sweep reads them from queued and unacknowledged messages, whatever the body's
+# serializer (a signed body cannot be read without its key).
+HEADER_ITEM, HEADER_STEP, HEADER_SENT = "dataengine_item", "dataengine_step", "dataengine_sent_at"
+
+
+def step_headers(item_id: str, step: str, sent_at: float) -> dict:
+    return {HEADER_ITEM: item_id, HEADER_STEP: step, HEADER_SENT: sent_at}
+
+
 def backoff_s(attempt: int) -> float:
     """Seconds to wait before attempt ``attempt + 1`` (attempt counts from 1): 1, 2, 4, ... 60."""
     return float(min(2 ** (attempt - 1), 60))
@@ -44,14 +54,17 @@ def backoff_s(attempt: int) -> float:
 
 @dataclass
 class StepRequest:
-    """One step for one item. inputs: object keys and small facts the step needs."""
+    """One step for one item. inputs: object keys and small facts the step needs. sent_at: unix
+    seconds the orchestrator sent it (0: unknown); it also travels in the message's headers
+    (``step_headers``), where the orchestrator's sweep reads it without decoding bodies."""
 
     item_id: str
     step: str
     inputs: dict = field(default_factory=dict)
+    sent_at: float = 0.0
 
     def to_json(self) -> dict:
-        return {"item_id": self.item_id, "step": self.step, "inputs": dict(self.inputs)}
+        return {"item_id": self.item_id, "step": self.step, "inputs": dict(self.inputs), "sent_at": self.sent_at}
 
     @classmethod
     def from_json(cls, d) -> "StepRequest":
@@ -61,7 +74,10 @@ class StepRequest:
             raise InvalidInput(f"unknown step {d.get('step')!r}; one of {', '.join(STEP_SERVICE)}")
         if not isinstance(d.get("inputs", {}), dict):
             raise InvalidInput(f"step inputs must be a JSON object, got {type(d.get('inputs')).__name__}")
-        return cls(item_id=d["item_id"], step=d["step"], inputs=dict(d.get("inputs", {})))
+        sent_at = d.get("sent_at", 0.0)
+        if not isinstance(sent_at, (int, float)) or isinstance(sent_at, bool):
+            raise InvalidInput(f"step request sent_at must be unix seconds, got {sent_at!r:.50}")
+        return cls(item_id=d["item_id"], step=d["step"], inputs=dict(d.get("inputs", {})), sent_at=float(sent_at))
 
     def need(self, name: str, kind: type = str):
         """The input ``name``, checked to be a ``kind`` (a missing or mistyped input is bad input)."""
@@ -143,5 +159,6 @@ def register_step_task(app: Celery, service: str, handler_factory: Callable[[], 
             dead = True
         report = StepReport(request.item_id, request.step, outcome, attempts=attempt, dead_letter=dead,
                             elapsed_s=round(time.perf_counter() - started, 6))
-        app.send_task(REPORT_TASK, args=[report.to_json()], queue="orchestrator")
+        app.send_task(REPORT_TASK, args=[report.to_json()], queue="orchestrator",
+                      headers=step_headers(request.item_id, request.step, request.sent_at))
         return outcome.to_json()

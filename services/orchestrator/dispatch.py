@@ -12,7 +12,8 @@ from typing import Callable, Mapping
 from celery import Celery
 
 from services.common.errors import TransientError
-from services.common.steps import StepHandler, StepReport, StepRequest, backoff_s, run_step, step_task_name
+from services.common.steps import (StepHandler, StepReport, StepRequest, backoff_s, run_step, step_headers,
+                                   step_task_name)
 from services.common.queues import TaskOutcome
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,8 @@ class CeleryDispatcher:
 
     def send(self, request: StepRequest) -> None:
         name = step_task_name(request.step)
-        self.app.send_task(name, args=[request.to_json()], queue=name.split(".")[0])
+        self.app.send_task(name, args=[request.to_json()], queue=name.split(".")[0],
+                           headers=step_headers(request.item_id, request.step, request.sent_at))
 
 
 class InlineDispatcher:

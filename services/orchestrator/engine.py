@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 from services.common import keys
 from services.common.decoded import DecodeOutput
@@ -35,7 +36,8 @@ from services.common.storage import ObjectStore, check_key
 from services.common.verdicts import Verification
 from services.common.review import ReviewSubmission
 from services.common.settings import Settings
-from services.orchestrator.index import Index, now, page
+from services.orchestrator.cursor import make_token, read_token
+from services.orchestrator.index import Index, ids, now
 from services.orchestrator.mining import assess
 from services.orchestrator.model import (DECODE, EMBED, PROPOSE, VERIFY, Item, ItemState, PhraseResult, Stage, Stats,
                                          item_id_for, manifest_key)
@@ -80,6 +82,8 @@ class Orchestrator:
     audit_rate: float = 0.05  # share of human-accepted items a second annotator checks
     limits: Limits = field(default_factory=Limits)  # what a caller may send (Limits.from_settings)
     mining: MiningPolicy = field(default_factory=MiningPolicy)  # failure modes and queue priority
+    page_token_max_age_s: float = 86400.0  # a ListItems token older than this is refused (stale)
+    read_workers: int = 16  # manifests read at once by the admin walks (rebuild, rerun)
 
     def __post_init__(self) -> None:
         self.desk = ReviewDesk(self, self.lease_s, self.audit_rate)
@@ -91,7 +95,8 @@ class Orchestrator:
         audit, input limits, mining) over these parts; ``more``: other fields (``queue_depths``)."""
         return cls(store, index, dispatcher, Thresholds(settings.accept_threshold, settings.review_threshold),
                    dict(settings.amg_params), lease_s=settings.review_lease_s, audit_rate=settings.audit_rate,
-                   limits=Limits.from_settings(settings), mining=MiningPolicy.from_settings(settings), **more)
+                   limits=Limits.from_settings(settings), mining=MiningPolicy.from_settings(settings),
+                   page_token_max_age_s=settings.page_token_max_age_s, **more)
 
     # -- items -----------------------------------------------------------------------------------
 
@@ -152,7 +157,7 @@ class Orchestrator:
             item_id = item_id_for(source, content_id)
             ids.append(item_id)
             try:
-                self.load(item_id)
+                self._resubmitted(self.load(item_id))
                 continue  # already submitted: one item per file
             except NotFound:
                 pass
@@ -161,6 +166,15 @@ class Orchestrator:
             self.save(item)
             self._dispatch(item)
         return ids
+
+    def _resubmitted(self, item: Item) -> None:
+        """A file submitted again: finish what an interrupted Submit left undone (the manifest
+        written, then the index or the dispatch cut off): index it, and send its pending steps
+        that are not known to be in flight. Costs O(1) in the store's size."""
+        self.index.put(item)
+        for request in self.pending_steps(item):
+            if self.index.tracked(request.item_id, request.step) is None:
+                self.send(request)
 
     # -- reports ---------------------------------------------------------------------------------
 
@@ -172,6 +186,7 @@ class Orchestrator:
             except (NotFound, InvalidInput) as exc:
                 log.warning("report for an unknown item dropped: %s", exc)
                 return None
+            self.index.untrack(report.item_id, report.step)
             if item.settled or report.step in item.done:
                 # Applied before (a redelivery): whoever applied it may have died between the
                 # manifest and the index, so the index is set to the manifest again; and what the
@@ -179,7 +194,7 @@ class Orchestrator:
                 self.index.put(item)
                 if not item.settled:
                     for request in self._enabled_by(item, report.step):
-                        self.dispatcher.send(request)
+                        self.send(request)
                 return item
             if report.dead_letter:
                 self.index.add_dead_letter({"item_id": item.item_id, "step": report.step,
@@ -198,7 +213,7 @@ class Orchestrator:
                 ITEMS_SETTLED.labels(item.state.name.lower()).inc()
             next_steps = self._enabled_by(item, report.step)
         for request in next_steps:
-            self.dispatcher.send(request)
+            self.send(request)
         return item
 
     def _apply(self, item: Item, step: str, out: dict) -> None:
@@ -299,39 +314,75 @@ class Orchestrator:
 
     def _dispatch(self, item: Item) -> None:
         for request in self.pending_steps(item):
-            self.dispatcher.send(request)
+            self.send(request)
 
-    def rebuild_index(self) -> list[Item]:
-        """Rebuild the index (states, stages, the review queue, review events) from the manifests;
-        returns the unfinished items."""
-        self.index.clear()
-        unfinished = []
-        for key in sorted(self.store.list("items/")):
-            if not key.endswith("/manifest.json"):
-                continue
+    def send(self, request: StepRequest) -> None:
+        """Dispatch one step, tracked first (by its send time) so that the sweep finds it if its
+        message or its report is lost (services/orchestrator/sweep.py)."""
+        request.sent_at = now()
+        self.index.track(request.item_id, request.step, request.sent_at)
+        self.dispatcher.send(request)
+
+    def manifests(self) -> Iterator[Item]:
+        """Every item, read from its manifest in key order, ``read_workers`` at a time with a
+        bounded window (memory flat in the store's size); unreadable manifests are skipped with a
+        warning. For admin walks (rebuild, reconcile)."""
+        keys = (k for k in self.store.list("items/") if k.endswith("/manifest.json"))
+
+        def read(key: str) -> Item | None:
             try:
-                item = Item.from_json(json.loads(self.store.get(key)))
+                return Item.from_json(json.loads(self.store.get(key)))
             except (ValueError, NotFound) as exc:
                 log.warning("skipping unreadable manifest %s: %s", key, exc)
-                continue
+                return None
+
+        with ThreadPoolExecutor(self.read_workers, thread_name_prefix="manifests") as pool:
+            while True:
+                window = [k for _, k in zip(range(self.read_workers * 8), keys)]
+                if not window:
+                    return
+                yield from (item for item in pool.map(read, window) if item is not None)
+
+    def rebuild_index(self, on_item: Callable[[Item], None] | None = None) -> int:
+        """Rebuild the index (states, stages, the review queue, annotator figures, phrase sets)
+        from the manifests, streamed in batches; ``on_item`` sees every unfinished item after it
+        is indexed. Returns how many items were indexed."""
+        self.index.clear()
+        batch: list[Item] = []
+        count = 0
+
+        def flush() -> None:
+            self.index.put_many(batch)
+            for item in batch:
+                put_review_events(self.index, item)
+                if VERIFY in item.done:
+                    self.index.put_phrases(item.item_id, _positives(item))
+                if on_item is not None and not item.settled:
+                    on_item(item)
+            batch.clear()
+
+        for item in self.manifests():
             if item.priority is not None:  # the weights may have changed since it was routed
                 item.priority = round(self.mining.urgency(item.score or 0.0, item.failure_modes), 6)
-            self.index.put(item)
-            put_review_events(self.index, item)
-            if VERIFY in item.done:
-                self.index.put_phrases(item.item_id, _positives(item))
-            if not item.settled:
-                unfinished.append(item)
-        return unfinished
+            batch.append(item)
+            count += 1
+            if len(batch) == 1000:
+                flush()
+        flush()
+        return count
 
     def resume(self) -> int:
         """Rebuild the index from the manifests and re-dispatch every unfinished item's pending
         steps (after Redis lost its data, or when an interrupted run starts again). Returns how
         many items were re-dispatched."""
-        unfinished = self.rebuild_index()
-        for item in unfinished:
+        unfinished = [0]
+
+        def restart(item: Item) -> None:
+            unfinished[0] += 1
             self._dispatch(item)
-        return len(unfinished)
+
+        self.rebuild_index(restart)
+        return unfinished[0]
 
     def rerun(self, states: Sequence[ItemState], decoder_id: str = "", reason: str = "") -> RerunSummary:
         """Decode and verify again every item in ``states`` (review, rejected) that no human settled
@@ -346,7 +397,7 @@ class Orchestrator:
         if wrong or not states:
             raise InvalidInput(f"rerun takes --state review and/or --state rejected, got {wrong or 'none'}")
         for state in dict.fromkeys(states):
-            for item_id in self.index.ids(state):
+            for item_id in list(ids(self.index, state)):
                 with self.index.lock(item_id):
                     item = self.load(item_id)
                     refusal = item.rerun_refusal(now())
@@ -365,19 +416,23 @@ class Orchestrator:
 
     def list_items(self, state: ItemState | None = None, stage: Stage | None = None, page_size: int = 100,
                    token: str = "") -> tuple[list[Item], str]:
+        """One page of items in id order, and the token of the next ("" at the end): O(page).
+        The token encodes the position and the filter, signed (cursor.py): a forged, foreign or
+        stale one is refused by its form, not found by a scan."""
         if not 0 < page_size <= MAX_PAGE_SIZE:
             raise InvalidInput(f"page_size must be in [1, {MAX_PAGE_SIZE}], got {page_size}")
-        if token and (len(token) > self.limits.max_id_chars or token not in set(self.index.ids())):
-            # A token is the last item id of the page before; anything else would silently give an
-            # empty or shifted page.
-            raise InvalidInput(f"page_token {token[:80]!r} is not one ListItems returned; start without one")
-        ids, next_token = page(self.index.ids(state, stage), page_size, token)
-        return [self.load(i) for i in ids], next_token
-
+        listing = f"state={state.name if state else ''};stage={stage.name if stage else ''}"
+        after = read_token(self.index.secret(), token, listing, self.page_token_max_age_s) if token else ""
+        chosen = self.index.page(state, stage, after, page_size + 1)
+        more = len(chosen) > page_size
+        chosen = chosen[:page_size]
+        next_token = make_token(self.index.secret(), chosen[-1], listing) if more else ""
+        return [self.load(i) for i in chosen], next_token
 
     def stats(self) -> Stats:
+        """Counts, band sizes, the oldest waiting age and dead letters: O(log n) commands."""
         by_state, by_stage = self.index.counts()
-        return Stats(by_state, by_stage, self.queue_depths(), len(self.index.dead_letters()), self.desk.waiting(),
+        return Stats(by_state, by_stage, self.queue_depths(), self.index.dead_letter_count(), self.desk.waiting(),
                      round(self.desk.oldest_waiting_s(), 3))
 
     # -- humans ----------------------------------------------------------------------------------

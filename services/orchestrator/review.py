@@ -11,11 +11,12 @@ a time: asking again hands back the one they hold.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.masks import MaskRecord
@@ -27,6 +28,10 @@ from services.orchestrator.index import Index
 from services.orchestrator.model import QUEUE_BANDS, Item, ItemState, PhraseResult, Stage
 
 log = logging.getLogger(__name__)
+
+CLAIM_WINDOW = 64  # free ids read (and filtered) per round trip while looking for a claimable one
+CLAIM_GRACE_S = 30.0  # how long a claim in progress holds the item in the index
+
 
 class Items(Protocol):
     """What the desk needs of the orchestrator."""
@@ -89,9 +94,10 @@ def _audited(item: Item, record: ReviewRecord) -> str:
 
 
 def put_review_events(index: Index, item: Item) -> None:
-    """(Re)index every review of ``item``; idempotent, so a rebuild can call it again."""
+    """(Re)add every review of ``item`` to the annotator aggregates; idempotent (each review is
+    counted once by its number), so a rebuild can call it again."""
     for i, record in enumerate(item.reviews):
-        index.put_review_event(f"{item.item_id}:{i}", review_event(item, record))
+        index.add_review(item.item_id, i, review_event(item, record))
 
 
 @dataclass
@@ -108,23 +114,26 @@ class ReviewDesk:
     # -- claims ----------------------------------------------------------------------------------
 
     def next(self, annotator: str, stage: Stage | None = None) -> Item | None:
-        """Claim the next item for ``annotator`` (``item.lease`` is their lease), None when none waits."""
+        """Claim the next item for ``annotator`` (``item.lease`` is their lease), None when none waits.
+
+        Reads the head of the free queue (per stage, merged by rank), never the whole queue: held
+        items are not in it, and the ids the annotator skipped or may not audit are filtered a
+        window at a time. Costs O(log n + the annotator's skips) in the queue's size n."""
         name = annotator_name(annotator)
         now = self.clock()
-        claims = self.index.claims()
-        mine = claims.get(name)
+        self.index.requeue_expired(now)
+        mine = self.index.claim_of(name)
         if mine:
             with self.index.lock(mine["item_id"]):
                 item = self.items.load(mine["item_id"])
                 if (item.band and item.lease and item.lease.annotator == name and item.lease.live(now)
                         and (stage is None or item.stage == stage)):
                     return item
-        held = {c["item_id"] for who, c in claims.items() if who != name and c["expires_at"] > now}
-        queue = [item_id for item_id, _ in self.index.queue() if item_id not in held]
+        stages = [stage] if stage is not None else list(Stage)
         # Items this annotator skipped come last, in a second pass: skipping must not hand the
         # same item straight back.
         for second_pass in (False, True):
-            for item_id in queue:
+            for item_id in self._candidates(name, stages, second_pass):
                 item = self._claim(item_id, name, stage, now, skipped_ok=second_pass)
                 if item is not None:
                     return item
@@ -132,17 +141,47 @@ class ReviewDesk:
             self.index.set_claim(name, None)
         return None
 
+    def _candidates(self, name: str, stages: list[Stage], skipped_ok: bool) -> Iterator[str]:
+        """Free item ids in queue order, less those ``name`` skipped (unless ``skipped_ok``) or
+        reviewed (an audit is never by its own reviewer)."""
+        streams = [self._free_ids(s) for s in stages]
+        window: list[str] = []
+        for item_id, _ in heapq.merge(*streams, key=lambda e: (e[1], e[0])):
+            window.append(item_id)
+            if len(window) == CLAIM_WINDOW:
+                yield from self._allowed(name, window, skipped_ok)
+                window = []
+        yield from self._allowed(name, window, skipped_ok)
+
+    def _free_ids(self, stage: Stage) -> Iterator[tuple[str, float]]:
+        offset = 0
+        while True:
+            chunk = self.index.free(stage, offset, CLAIM_WINDOW)
+            yield from chunk
+            if len(chunk) < CLAIM_WINDOW:
+                return
+            offset += len(chunk)
+
+    def _allowed(self, name: str, window: list[str], skipped_ok: bool) -> list[str]:
+        skipped, own = self.index.avoided(name, window)
+        return [i for i in window if i not in own and (skipped_ok or i not in skipped)]
+
     def _claim(self, item_id: str, name: str, stage: Stage | None, now: float, skipped_ok: bool) -> Item | None:
-        """Claim ``item_id`` for ``name`` if it is free for them; None otherwise."""
+        """Claim ``item_id`` for ``name`` if it is free for them; None otherwise. The index's
+        ``take`` decides between racing claimers; the manifest decides whether the item may be
+        claimed at all (a stale index entry is set back to the manifest's truth)."""
+        # Held in the index for a short grace until the lease is written: a claimer that dies
+        # here loses the item for seconds, not for a whole lease.
+        if not self.index.take(item_id, now + min(self.lease_s, CLAIM_GRACE_S)):
+            return None
         with self.index.lock(item_id):
             item = self.items.load(item_id)
-            if not item.band or (stage is not None and item.stage != stage):
-                return None
-            if item.lease and item.lease.live(now) and item.lease.annotator != name:
-                return None
-            if item.band == "audit" and item.reviewer == name:
-                return None  # nobody audits their own work
-            if name in item.skipped_by and not skipped_ok:
+            refused = (not item.band or (stage is not None and item.stage != stage)
+                       or (item.lease is not None and item.lease.live(now) and item.lease.annotator != name)
+                       or (item.band == "audit" and item.reviewer == name)  # nobody audits their own work
+                       or (name in item.skipped_by and not skipped_ok))
+            if refused:
+                self.index.put(item)
                 return None
             if item.lease and item.lease.annotator != name:
                 LEASE_EXPIRIES.inc()
@@ -227,7 +266,7 @@ class ReviewDesk:
             item.reviews.append(record)
             self.items.save(item)
             self.index.set_claim(name, None)
-            self.index.put_review_event(f"{item.item_id}:{len(item.reviews) - 1}", review_event(item, record))
+            self.index.add_review(item.item_id, len(item.reviews) - 1, review_event(item, record))
         REVIEWS.labels(record.kind, "accept" if sub.accept else "discard").inc()
         return item
 
@@ -256,45 +295,29 @@ class ReviewDesk:
     # -- figures ---------------------------------------------------------------------------------
 
     def waiting(self) -> dict[str, int]:
-        """Queued items nobody holds a live lease on, per band (QUEUE_BANDS)."""
-        now = self.clock()
-        held = {c["item_id"] for c in self.index.claims().values() if c["expires_at"] > now}
-        counts = dict.fromkeys(QUEUE_BANDS, 0)
-        for item_id, rank in self.index.queue():
-            if item_id not in held:
-                counts[QUEUE_BANDS[min(len(QUEUE_BANDS) - 1, int(rank // 2))]] += 1
-        return counts
+        """Queued items nobody holds a live lease on, per band (QUEUE_BANDS): O(log n)."""
+        self.index.requeue_expired(self.clock())
+        return self.index.waiting()
 
     def oldest_waiting_s(self) -> float:
         """Seconds the longest-waiting unclaimed item has been in the review queue; 0 when none waits."""
         now = self.clock()
-        held = {c["item_id"] for c in self.index.claims().values() if c["expires_at"] > now}
-        for item_id, since in self.index.queued_since(len(held) + 1):
-            if item_id not in held:
-                return max(0.0, now - since)
-        return 0.0
+        self.index.requeue_expired(now)
+        since = self.index.oldest_free()
+        return 0.0 if since is None else max(0.0, now - since)
 
     def figures(self) -> list[AnnotatorFigures]:
-        """Per annotator: reviews, masks and seconds (claim to submit), and the audits of their work."""
-        figures: dict[str, AnnotatorFigures] = {}
-        agreements: dict[str, list[tuple[float, float]]] = {}
-        for e in self.index.review_events():
-            if e["kind"] == "review":
-                f = figures.setdefault(e["annotator"], AnnotatorFigures(e["annotator"]))
-                f.items += 1
-                f.masks += int(e["masks"])
-                f.seconds += float(e["seconds"])
-            elif e.get("audited"):
-                figures.setdefault(e["audited"], AnnotatorFigures(e["audited"]))
-                figures.setdefault(e["annotator"], AnnotatorFigures(e["annotator"]))
-                a = e.get("agreement", {})
-                agreements.setdefault(e["audited"], []).append((a.get("decision", 0.0), a.get("mask_iou", 0.0)))
-        for who, values in agreements.items():
-            f = figures[who]
-            f.audits = len(values)
-            f.audit_decision_agreement = sum(v[0] for v in values) / len(values)
-            f.audit_mask_iou = sum(v[1] for v in values) / len(values)
-        return [figures[k] for k in sorted(figures)]
+        """Per annotator: reviews, masks and seconds (claim to submit), and the audits of their
+        work, from the aggregates each review adds to (O(annotators), not O(reviews))."""
+        figures = []
+        for name, t in self.index.annotator_totals().items():
+            f = AnnotatorFigures(name, items=int(t.get("items", 0)), masks=int(t.get("masks", 0)),
+                                 seconds=float(t.get("seconds", 0.0)), audits=int(t.get("audits", 0)))
+            if f.audits:
+                f.audit_decision_agreement = t.get("decision_sum", 0.0) / f.audits
+                f.audit_mask_iou = t.get("iou_sum", 0.0) / f.audits
+            figures.append(f)
+        return sorted(figures, key=lambda f: f.annotator)
 
 
 def _human_phrase(p: ReviewedPhrase, name: str) -> PhraseResult:

@@ -22,6 +22,7 @@ from services.common.storage import LocalStore
 from services.orchestrator.engine import Orchestrator
 from services.orchestrator.index import RedisIndex
 from services.orchestrator.model import EMBED, Item, ItemState, Stage
+from services.orchestrator.index import ids
 from tests.orchestrator.test_review import NoDispatch
 
 pytestmark = pytest.mark.slow
@@ -67,9 +68,9 @@ def test_a_report_applied_again_after_a_kill_sets_the_index_to_the_manifest(tmp_
     proc = child(tmp_path, broker, "after-manifest")
     assert proc.wait(timeout=60) == -9
     assert orch.load(REPORT.item_id).state == ItemState.REVIEW  # the manifest moved on ...
-    assert orch.index.ids(ItemState.INGESTED) == [REPORT.item_id]  # ... the index did not
+    assert list(ids(orch.index, ItemState.INGESTED)) == [REPORT.item_id]  # ... the index did not
     orch.report(REPORT)  # Celery delivers the unacknowledged report again
-    assert orch.index.ids(ItemState.REVIEW) == [REPORT.item_id] and orch.index.ids(ItemState.INGESTED) == []
+    assert list(ids(orch.index, ItemState.REVIEW)) == [REPORT.item_id] and list(ids(orch.index, ItemState.INGESTED)) == []
     assert orch.next_review("ann").item_id == REPORT.item_id  # NextReview goes by the index
 
 

@@ -14,7 +14,7 @@ import redis
 from services.common.errors import TransientError
 from services.common.queues import create_celery
 from services.common.settings import Settings
-from services.orchestrator.index import PREFIX, MemoryIndex, RedisIndex, page, queue_depths
+from services.orchestrator.index import PREFIX, MemoryIndex, RedisIndex, ids, queue_depths
 from services.orchestrator.model import Item, ItemState, Stage
 from tests.servers import free_port
 
@@ -42,14 +42,14 @@ def test_put_moves_an_item_between_sets_and_counts_it_once(index):
         index.put(it)
     index.put(it)  # the same state again (a redelivered report): still once
     assert index.counts() == ({"review": 1}, {"fully_automatic": 1})
-    assert index.ids() == ["a"]
-    assert index.ids(S.REVIEW) == ["a"]
+    assert list(ids(index)) == ["a"]
+    assert list(ids(index, S.REVIEW)) == ["a"]
     for old in (S.INGESTED, S.EMBEDDED, S.VERIFIED):
-        assert index.ids(old) == [], f"item left behind in {old.name}"
+        assert list(ids(index, old)) == [], f"item left behind in {old.name}"
     it.stage = G.SEMI_AUTOMATIC  # a stage change moves it between the stage sets too
     index.put(it)
     assert index.counts() == ({"review": 1}, {"semi_automatic": 1})
-    assert index.ids(stage=G.FULLY_AUTOMATIC) == [] and index.ids(stage=G.SEMI_AUTOMATIC) == ["a"]
+    assert list(ids(index, stage=G.FULLY_AUTOMATIC)) == [] and list(ids(index, stage=G.SEMI_AUTOMATIC)) == ["a"]
 
 
 def test_counts_and_ids_filtered_by_state_stage_both_and_none(index):
@@ -60,17 +60,17 @@ def test_counts_and_ids_filtered_by_state_stage_both_and_none(index):
         index.put(it)
     assert index.counts() == ({"accepted": 1, "review": 3, "failed": 1, "ingested": 1},
                               {"fully_automatic": 2, "semi_automatic": 2, "assisted_manual": 2})
-    assert index.ids() == ["a", "b", "c", "d", "e", "f"]  # sorted, not insertion order
-    assert index.ids(S.REVIEW) == ["a", "b", "d"]
-    assert index.ids(stage=G.SEMI_AUTOMATIC) == ["a", "c"]
-    assert index.ids(S.REVIEW, G.ASSISTED_MANUAL) == ["d"]
-    assert index.ids(S.REVIEW, G.FULLY_AUTOMATIC) == ["b"]
-    assert index.ids(S.REJECTED) == [] and index.ids(S.ACCEPTED, G.ASSISTED_MANUAL) == []
+    assert list(ids(index)) == ["a", "b", "c", "d", "e", "f"]  # sorted, not insertion order
+    assert list(ids(index, S.REVIEW)) == ["a", "b", "d"]
+    assert list(ids(index, stage=G.SEMI_AUTOMATIC)) == ["a", "c"]
+    assert list(ids(index, S.REVIEW, G.ASSISTED_MANUAL)) == ["d"]
+    assert list(ids(index, S.REVIEW, G.FULLY_AUTOMATIC)) == ["b"]
+    assert list(ids(index, S.REJECTED)) == [] and list(ids(index, S.ACCEPTED, G.ASSISTED_MANUAL)) == []
 
 
 def test_an_empty_index_counts_nothing(index):
     assert index.counts() == ({}, {})
-    assert index.ids() == [] and index.ids(S.REVIEW, G.SEMI_AUTOMATIC) == [] and index.dead_letters() == []
+    assert list(ids(index)) == [] and list(ids(index, S.REVIEW, G.SEMI_AUTOMATIC)) == [] and index.dead_letters() == []
 
 
 def test_dead_letters_round_trip_and_clear_keeps_them(index):
@@ -83,7 +83,7 @@ def test_dead_letters_round_trip_and_clear_keeps_them(index):
     assert index.dead_letters() == letters  # in order, every field intact
 
     index.clear()
-    assert index.ids() == [] and index.ids(S.FAILED) == [] and index.ids(stage=G.ASSISTED_MANUAL) == []
+    assert list(ids(index)) == [] and list(ids(index, S.FAILED)) == [] and list(ids(index, stage=G.ASSISTED_MANUAL)) == []
     assert index.counts() == ({}, {})
     assert index.dead_letters() == letters
     index.put(item("a", S.FAILED))  # rebuilt (as ``resume`` does): counted once again
@@ -96,7 +96,7 @@ def test_clear_leaves_no_index_key_but_the_dead_letters_in_redis(broker):
     index.put(item("b", S.ACCEPTED))
     index.add_dead_letter({"item_id": "b", "step": "embed"})
     client = redis.Redis.from_url(broker, decode_responses=True)
-    assert client.hget(PREFIX + "meta", "a") == "REVIEW:SEMI_AUTOMATIC"
+    assert client.zrange(PREFIX + "by:REVIEW:SEMI_AUTOMATIC", 0, -1) == ["a"]
     index.clear()
     assert sorted(client.keys(PREFIX + "*")) == [PREFIX + "dead"]
     client.close()
@@ -173,8 +173,13 @@ def test_a_lock_released_by_an_exception_can_be_taken_again(index):
 
 @pytest.mark.parametrize("what, call", [
     ("put", lambda i: i.put(item("a"))),
-    ("list", lambda i: i.ids()),
-    ("list", lambda i: i.ids(S.REVIEW)),
+    ("list", lambda i: i.page(None, None, "", 10)),
+    ("list", lambda i: i.page(S.REVIEW, None, "a", 10)),
+    ("claim", lambda i: i.take("a", 1.0)),
+    ("requeue", lambda i: i.requeue_expired(1.0)),
+    ("waiting", lambda i: i.waiting()),
+    ("review", lambda i: i.add_review("a", 0, {"annotator": "ann", "kind": "review", "masks": 1, "seconds": 2})),
+    ("track", lambda i: i.track("a", "embed", 1.0)),
     ("count", lambda i: i.counts()),
     ("dead letter", lambda i: i.add_dead_letter({"item_id": "a"})),
     ("dead letters", lambda i: i.dead_letters()),
@@ -195,34 +200,31 @@ def test_queue_depths_with_redis_down_is_a_transient_error_naming_the_url():
 
 # -- paging ---------------------------------------------------------------------------------------
 
-def test_page_follows_tokens_to_an_empty_token_on_the_last_page():
-    ids = ["a", "b", "c", "d", "e"]
-    assert page(ids, 2, "") == (["a", "b"], "b")
-    assert page(ids, 2, "b") == (["c", "d"], "d")
-    assert page(ids, 2, "d") == (["e"], "")
-    assert page(ids, 5, "") == (ids, "")  # exactly one page: no token
-    assert page(ids, 4, "") == (["a", "b", "c", "d"], "d") and page(ids, 4, "d") == (["e"], "")
-    assert page(ids, 100, "e") == ([], "")
-    assert page([], 3, "") == ([], "")
-
-
-def test_page_token_of_a_removed_item_resumes_after_it():
-    # The token is the last id seen; if that item left the listing meanwhile, paging goes on after it.
-    assert page(["a", "c", "e"], 1, "b") == (["c"], "c")
-    assert page(["a", "c", "e"], 2, "d") == (["e"], "")
-
-
-def test_paging_an_index_listing_sees_every_item_once(index):
+def test_pages_follow_the_cursor_in_id_order_across_state_and_stage_sets(index):
     for i in range(7):
-        index.put(item(f"id{i}", S.REVIEW if i % 2 else S.ACCEPTED))
-    seen, token, pages = [], "", 0
+        index.put(item(f"id{i}", S.REVIEW if i % 2 else S.ACCEPTED, G.SEMI_AUTOMATIC if i % 3 else G.FULLY_AUTOMATIC))
+    assert index.page(None, None, "", 3) == ["id0", "id1", "id2"]
+    assert index.page(None, None, "id2", 3) == ["id3", "id4", "id5"]
+    assert index.page(None, None, "id5", 3) == ["id6"]
+    assert index.page(S.REVIEW, None, "", 2) == ["id1", "id3"] and index.page(S.REVIEW, None, "id3", 2) == ["id5"]
+    assert index.page(None, G.FULLY_AUTOMATIC, "", 10) == ["id0", "id3", "id6"]
+    assert index.page(S.ACCEPTED, G.SEMI_AUTOMATIC, "", 10) == ["id2", "id4"]
+    # The cursor is a position, not a member: an item that left the listing resumes after it.
+    assert index.page(S.REVIEW, None, "id2", 1) == ["id3"] and index.page(None, None, "id6", 5) == []
+
+
+def test_a_full_walk_sees_every_item_once_while_items_move(index):
+    for i in range(30):
+        index.put(item(f"id{i:02d}", S.REVIEW))
+    seen, after = [], ""
     while True:
-        chosen, token = page(index.ids(S.REVIEW), 2, token)
-        seen += chosen
-        pages += 1
-        if not token:
+        chunk = index.page(S.REVIEW, None, after, 4)
+        if not chunk:
             break
-    assert seen == ["id1", "id3", "id5"] and pages == 2
+        seen += chunk
+        after = chunk[-1]
+        index.put(item(chunk[0], S.ACCEPTED))  # items leave the listing behind the cursor
+    assert seen == [f"id{i:02d}" for i in range(30)]
 
 
 # -- Celery queue depths --------------------------------------------------------------------------
