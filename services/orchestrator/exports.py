@@ -1,9 +1,14 @@
 """Dataset exports from item manifests: COCO instances, per-image SA-1B and SA-Co style JSON.
 
-Everything streams: manifests are read one at a time in sorted key (item id) order and JSON is
-written incrementally, so memory holds one item plus small string sets (phrase texts, file names),
-never the dataset. Only ``items/<id>/manifest.json`` keys are read, and exports may not be written
-under ``items/`` so an export can never be mistaken for a manifest.
+Everything streams: manifest keys come from the store's listing in its (sorted) key order, never
+collected; manifests are read ahead on a few threads (``READ_AHEAD`` in flight, results in key
+order) and JSON is written incrementally, so memory holds a window of items plus small string sets
+(phrase texts, file names), never the dataset. Only ``items/<id>/manifest.json`` keys are read, and
+exports may not be written under ``items/`` so an export can never be mistaken for a manifest.
+
+Sharding (``Shard``): an item belongs to shard ``shard_of(item_id, count)``, a stable hash of the id
+in its manifest key, so a shard's writer needs no global listing or count: it streams the listing,
+reads only its own manifests and writes them in key order. ``shards.py`` writes whole sharded exports.
 
 Formats (ARCHITECTURE.md "Outputs"):
 - COCO: ``{"images", "annotations", "categories", "info"}``. Categories are the positive noun
@@ -18,6 +23,7 @@ Formats (ARCHITECTURE.md "Outputs"):
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -33,13 +39,14 @@ from pycocotools import mask as mask_utils
 
 from services.common.errors import InvalidInput
 from services.common.masks import sa1b_document
+from services.common.read_ahead import read_ahead
 from services.common.storage import ObjectStore, check_key
 from services.orchestrator.model import Item, ItemState, PhraseResult
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("coco", "sa1b", "saco")
-_MANIFEST = re.compile(r"^items/[A-Za-z0-9._-]+/manifest\.json$")
+_MANIFEST = re.compile(r"^items/([A-Za-z0-9._-]+)/manifest\.json$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _COMPACT = {"separators": (",", ":")}
 IMAGE_LEVEL_NOTE = ("Phrases without masks are image-level labels: each image lists them in "
@@ -51,6 +58,32 @@ States = Collection[ItemState] | None
 # What a dataset export holds by default: everything the machine finished. Failed items have no
 # size or masks, and discarded ones a human threw away; both stay visible through the API.
 DATASET_STATES = frozenset({ItemState.ACCEPTED, ItemState.REVIEW, ItemState.REJECTED})
+# Reads in flight per export stream: enough to hide an object store's latency; the MinIO client's
+# connection pool holds 10, and more threads than connections only queue on it.
+READ_AHEAD = 10
+
+
+def shard_of(item_id: str, count: int) -> int:
+    """The shard in [0, count) of an item: the first 32 bits of sha256(item id) modulo ``count``.
+    Stable across processes and machines (unlike ``hash``), and uniform for any id."""
+    return int(hashlib.sha256(item_id.encode("utf-8", "surrogateescape")).hexdigest()[:8], 16) % count
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count``: the items ``shard_of`` puts there. Raises ``InvalidInput``."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
+            raise InvalidInput(f"shard count must be a whole number of at least 1, got {self.count!r}")
+        if isinstance(self.index, bool) or not isinstance(self.index, int) or not 0 <= self.index < self.count:
+            raise InvalidInput(f"shard index must be in [0, {self.count}), got {self.index!r}")
+
+    def holds(self, item_id: str) -> bool:
+        return shard_of(item_id, self.count) == self.index
 
 
 @dataclass
@@ -73,25 +106,37 @@ class ExportSummary:
         return asdict(self)
 
 
-def iter_items(store: ObjectStore, states: States = None,
-               summary: ExportSummary | None = None) -> Iterator[Item]:
-    """Items in manifest-key order, one in memory at a time.
+def manifest_keys(store: ObjectStore, shard: Shard | None = None) -> Iterator[str]:
+    """``items/<id>/manifest.json`` keys in the store's listing order (sorted: deterministic for
+    the same store), streamed; with ``shard``, only the keys whose item id it holds."""
+    for key in store.list("items/"):
+        match = _MANIFEST.match(key)
+        if match and (shard is None or shard.holds(match.group(1))):
+            yield key
+
+
+def _read_manifest(store: ObjectStore, key: str) -> tuple[str, Item | Exception]:
+    """(key, item) or (key, why it is unreadable); storage trouble raises."""
+    try:
+        return key, Item.from_json(json.loads(store.get(key)))
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:  # NotFound is a KeyError
+        return key, exc
+
+
+def iter_items(store: ObjectStore, states: States = None, summary: ExportSummary | None = None,
+               shard: Shard | None = None, window: int = READ_AHEAD) -> Iterator[Item]:
+    """Items in manifest-key order (``manifest_keys``), read ``window`` at a time on threads.
 
     A manifest that is gone, not JSON or not an item is skipped with a warning and counted in
     ``summary.skipped``. Storage trouble (``TransientError``) propagates: skipping it would drop
     data silently from an export that looks complete.
     """
-    # Keys only (strings) are held, sorted so exports are deterministic for the same store.
-    keys = sorted(k for k in store.list("items/") if _MANIFEST.match(k))
-    for key in keys:
-        try:
-            item = Item.from_json(json.loads(store.get(key)))
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:  # NotFound is a KeyError
-            log.warning("export skips unreadable manifest %s: %s", key, exc)
+    for key, item in read_ahead(manifest_keys(store, shard), lambda k: _read_manifest(store, k), window):
+        if isinstance(item, Exception):
+            log.warning("export skips unreadable manifest %s: %s", key, item)
             if summary is not None:
                 summary.skipped += 1
-            continue
-        if states is None or item.state in states:
+        elif states is None or item.state in states:
             yield item
 
 
@@ -120,8 +165,9 @@ def _compressed_rle(seg: dict) -> dict:
     return {"size": [int(seg["size"][0]), int(seg["size"][1])], "counts": counts}
 
 
-def write_coco(store: ObjectStore, fp: TextIO, states: States = None) -> ExportSummary:
-    """COCO instances JSON into the text file ``fp``, in one pass over the manifests.
+def write_coco(store: ObjectStore, fp: TextIO, states: States = None, shard: Shard | None = None) -> ExportSummary:
+    """COCO instances JSON into the text file ``fp``, in one pass over the manifests (of ``shard``
+    only, when given: image, annotation and category ids then count within the shard).
 
     Category ids follow sorted phrase text, known only at the end, so annotations are spooled to a
     temporary file (one JSON line each, naming their phrase) and given their category id while
@@ -131,7 +177,7 @@ def write_coco(store: ObjectStore, fp: TextIO, states: States = None) -> ExportS
     image_level = negatives = 0
     with tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
         fp.write('{"images":[')
-        for item in iter_items(store, states, summary):
+        for item in iter_items(store, states, summary, shard):
             summary.items += 1
             summary.images += 1
             summary.phrases += len(item.phrases)
@@ -180,8 +226,8 @@ def _exhaustive(p: PhraseResult) -> bool | None:
     return None if ev is None else ev.choice == "accept"
 
 
-def write_saco(store: ObjectStore, fp: TextIO, states: States = None) -> ExportSummary:
-    """SA-Co style JSON into ``fp``: ``{"pairs": [record, ...], "info": {...}}``.
+def write_saco(store: ObjectStore, fp: TextIO, states: States = None, shard: Shard | None = None) -> ExportSummary:
+    """SA-Co style JSON into ``fp``: ``{"pairs": [record, ...], "info": {...}}`` (``shard``: its items only).
 
     record: ``image`` {item_id, image_id (sha256), source, height, width (pixels), state (the
     item's), models (the encoder and decoder ids behind its machine output)}, ``phrase``, ``is_negative`` (hard negative: no masks), ``grounded`` (False: an
@@ -191,7 +237,7 @@ def write_saco(store: ObjectStore, fp: TextIO, states: States = None) -> ExportS
     """
     summary = ExportSummary()
     fp.write('{"pairs":[')
-    for item in iter_items(store, states, summary):
+    for item in iter_items(store, states, summary, shard):
         summary.items += 1
         summary.images += bool(item.phrases)
         height, width = _image_size(item)
@@ -228,32 +274,44 @@ def _unique_name(item: Item, taken: set[str]) -> str:
     return name
 
 
-def _sa1b_documents(store: ObjectStore, states: States,
-                    summary: ExportSummary) -> Iterator[tuple[str, bytes]]:
-    """(file name without ``.json``, SA-1B JSON bytes) per item; shared by the directory and the
-    object-store writers. An item without grid masks gets an empty document with its image info."""
+def _load_sa1b(store: ObjectStore, item: Item, with_image: bool) -> tuple[Item, dict, bytes | None, str]:
+    """(item, its SA-1B document, its image bytes when asked, "" or why the item cannot be exported)."""
+    height, width = _image_size(item)
+    try:
+        doc = (json.loads(store.get(item.grid_masks_key)) if item.grid_masks_key
+               else sa1b_document(item.image_id, (height, width), []))
+        if not isinstance(doc["image"], dict) or not isinstance(doc["annotations"], list):
+            raise TypeError("image must be an object and annotations a list")
+    except (KeyError, ValueError, TypeError) as exc:
+        return item, {}, None, f"grid masks {item.grid_masks_key!r} unreadable: {exc}"
+    try:
+        return item, doc, store.get(item.image_key) if with_image else None, ""
+    except KeyError as exc:  # NotFound: an SA-1B shard ships each document with its image
+        return item, {}, None, f"image {item.image_key!r} unreadable: {exc}"
+
+
+def sa1b_documents(store: ObjectStore, states: States, summary: ExportSummary, shard: Shard | None = None,
+                   images: bool = False) -> Iterator[tuple[str, bytes, Item, bytes | None]]:
+    """(file name without extension, SA-1B JSON bytes, item, image bytes if ``images``) per item,
+    grid documents (and images) read ahead like manifests; shared by every SA-1B writer. An item
+    without grid masks gets an empty document with its image info."""
     taken: set[str] = set()
-    for item in iter_items(store, states, summary):
-        height, width = _image_size(item)
-        try:
-            doc = (json.loads(store.get(item.grid_masks_key)) if item.grid_masks_key
-                   else sa1b_document(item.image_id, (height, width), []))
-            image, annotations = doc["image"], doc["annotations"]
-            if not isinstance(image, dict) or not isinstance(annotations, list):
-                raise TypeError("image must be an object and annotations a list")
-        except (KeyError, ValueError, TypeError) as exc:
+    loaded = read_ahead(iter_items(store, states, summary, shard), lambda item: _load_sa1b(store, item, images),
+                        READ_AHEAD)
+    for item, doc, image_bytes, problem in loaded:
+        if problem:
             # An empty document would claim "no masks"; a missing one is lost data: skip, say so.
-            log.warning("export skips item %s: grid masks %r unreadable: %s", item.item_id,
-                        item.grid_masks_key, exc)
+            log.warning("export skips item %s: %s", item.item_id, problem)
             summary.skipped += 1
             continue
+        image = doc["image"]
         image["file_name"] = image.get("file_name") or item.source  # the decoder leaves it blank
         image["item_id"] = item.item_id
         summary.items += 1
         summary.images += 1
         summary.phrases += len(item.phrases)
-        summary.annotations += len(annotations)
-        yield _unique_name(item, taken), json.dumps(doc, **_COMPACT).encode()
+        summary.annotations += len(doc["annotations"])
+        yield _unique_name(item, taken), json.dumps(doc, **_COMPACT).encode(), item, image_bytes
 
 
 def write_sa1b(store: ObjectStore, out_dir: Path | str, states: States = None) -> ExportSummary:
@@ -261,7 +319,7 @@ def write_sa1b(store: ObjectStore, out_dir: Path | str, states: States = None) -
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary()
-    for name, data in _sa1b_documents(store, states, summary):
+    for name, data, _, _ in sa1b_documents(store, states, summary):
         (out / f"{name}.json").write_bytes(data)
     return summary
 
@@ -269,18 +327,19 @@ def write_sa1b(store: ObjectStore, out_dir: Path | str, states: States = None) -
 def write_sa1b_to_store(store: ObjectStore, prefix: str,
                         states: States = None) -> tuple[list[str], ExportSummary]:
     """One SA-1B JSON per image at ``<prefix>/<stem>.json`` in ``store``; returns (keys, summary)."""
-    prefix, summary, keys = _check_prefix(prefix), ExportSummary(), []
-    for name, data in _sa1b_documents(store, states, summary):
+    prefix, summary, keys = check_prefix(prefix), ExportSummary(), []
+    for name, data, _, _ in sa1b_documents(store, states, summary):
         keys.append(f"{prefix}/{name}.json")
         store.put(keys[-1], data, content_type="application/json")
     return keys, summary
 
 
-FILE_WRITERS: dict[str, Callable[[ObjectStore, TextIO, States], ExportSummary]] = {
+FILE_WRITERS: dict[str, Callable[[ObjectStore, TextIO, States, Shard | None], ExportSummary]] = {
     "coco": write_coco, "saco": write_saco}
 
 
-def _check_format(fmt: str) -> str:
+def check_format(fmt: str) -> str:
+    """The format's canonical name (``coco``, ``sa1b`` or ``saco``); raises ``InvalidInput``."""
     name = str(fmt).strip().lower()
     if name not in FORMATS:
         raise InvalidInput(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -290,7 +349,7 @@ def _check_format(fmt: str) -> str:
 EXPORT_ROOT = "exports"  # every export into the store lands under it, never beside the engine's own data
 
 
-def _check_prefix(prefix: str) -> str:
+def check_prefix(prefix: str) -> str:
     """``exports`` or a relative key under ``exports/`` (a trailing slash is dropped). An absolute
     prefix, or one elsewhere in the bucket (``images/``, ``items/`` ...), is refused, not mended."""
     text = str(prefix)
@@ -307,7 +366,7 @@ def export(store: ObjectStore, fmt: str, destination: Path | str, states: States
     """Export to the local file system: ``destination`` is the JSON file for coco and saco
     (written to a temporary name, then renamed, so a failed export leaves no half file) and the
     directory for sa1b. Raises ``InvalidInput`` for an unknown ``fmt``."""
-    fmt, dest = _check_format(fmt), Path(destination)
+    fmt, dest = check_format(fmt), Path(destination)
     if fmt == "sa1b":
         return write_sa1b(store, dest, states)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -326,7 +385,7 @@ def export_to_store(store: ObjectStore, fmt: str, prefix: str,
                     states: States = None) -> tuple[list[str], ExportSummary]:
     """Export into ``store`` under ``prefix``: ``<prefix>/coco.json``, ``<prefix>/saco.json`` or
     ``<prefix>/<stem>.json`` per image for sa1b. Returns (keys written, summary)."""
-    fmt, prefix = _check_format(fmt), _check_prefix(prefix)
+    fmt, prefix = check_format(fmt), check_prefix(prefix)
     if fmt == "sa1b":
         return write_sa1b_to_store(store, prefix, states)
     key = f"{prefix}/{fmt}.json"
