@@ -280,21 +280,81 @@ def _annotators(rows: list[dict]) -> None:
 
 def export(
     fmt: str = typer.Argument(..., help="coco, sa1b or saco."),
-    out: Path = typer.Option(..., "--out", help="JSON file (coco, saco) or folder (sa1b)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSON file (coco, saco) or folder (sa1b); with "
+                                       "--shards, the folder for the shards and index.json."),
     state: list[str] = typer.Option([], "--state", help="Export items in this state (repeat); "
                                     "default: accepted, review and rejected."),
+    shards: Optional[int] = typer.Option(None, "--shards", help="Split into N shards by item id (sa1b: "
+                                         "sa_000000.tar ..., coco/saco: one JSON each) plus index.json; "
+                                         "resumable: run again to finish an interrupted export."),
+    workers: int = typer.Option(1, "--workers", help="Processes writing shards at once (with --shards)."),
+    to_store: Optional[str] = typer.Option(None, "--to-store", help="Write into the object store under this "
+                                           "prefix below exports/ (e.g. exports/run1) instead of --out."),
+    queue: bool = typer.Option(False, "--queue", help="With --to-store and --shards: one Celery task per shard "
+                               "for the orchestrator workers (queue orchestrator); waits for them."),
 ) -> None:
-    """Export the dataset from the object store (DATAENGINE_STORE settings), streaming."""
+    """Export the dataset from the object store (DATAENGINE_STORE settings), streaming; sharded and
+    in parallel with --shards."""
     from services.common.storage import open_store
     from services.orchestrator import exports
     from services.orchestrator.model import ItemState
 
+    if (out is None) == (to_store is None):
+        fail("give one destination: --out PATH or --to-store PREFIX (under exports/)")
+    if shards is not None and shards < 1:
+        fail(f"--shards must be at least 1, got {shards}")
+    if workers < 1:
+        fail(f"--workers must be at least 1, got {workers}")
+    if shards is None and (workers != 1 or queue):
+        fail("--workers and --queue split the work by shard: give --shards N as well")
+    if queue and to_store is None:
+        fail("--queue sends the shards to workers that write into the object store: give --to-store PREFIX")
+    settings = make_settings()
     try:
         states = {ItemState.parse(s) for s in state} or exports.DATASET_STATES
-        summary = exports.export(open_store(make_settings()), fmt, out, states)
+        if shards is not None:
+            result = _export_shards(settings, fmt, states, shards, workers, out, to_store, queue)
+        elif out is not None:
+            result = exports.export(open_store(settings), fmt, out, states).to_json()
+        else:
+            keys, summary = exports.export_to_store(open_store(settings), fmt, to_store, states)
+            result = {**summary.to_json(), "keys": len(keys)}
     except DataEngineError as exc:
         fail(str(exc), code=1)
-    typer.echo(json.dumps(summary.to_json()))
+    typer.echo(json.dumps(result))
+
+
+def _export_shards(settings: Settings, fmt: str, states, shards: int, workers: int, out: Path | None,
+                   to_store: str | None, queue: bool) -> dict:
+    """A sharded export with a progress bar (shards done of N); the index's totals and where it is."""
+    import functools
+
+    from services.common.storage import open_store
+    from services.orchestrator import shards as sharding
+
+    export = sharding.ShardedExport.of(fmt, shards, states)
+    target = sharding.FolderTarget(out) if out is not None else sharding.StoreTarget(to_store)
+    written = []
+    with progress() as bar:
+        task = bar.add_task(f"export {export.fmt}: shards", total=export.shards)
+
+        def on_shard(record, now: bool) -> None:
+            written.append(now)
+            bar.advance(task)
+
+        if queue:
+            from services.common.queues import create_celery
+            from services.orchestrator.export_tasks import export_shards_queued
+
+            index = export_shards_queued(
+                create_celery(settings), open_store(settings), target, export, on_shard,
+                on_sent=lambda n: console.print(f"sent {n} shard tasks to queue orchestrator; waiting (interrupted, "
+                                                "they go on: run again to collect them)"))
+        else:
+            index = sharding.export_shards(functools.partial(open_store, settings), target, export, workers, on_shard)
+    where = str(Path(out) / sharding.INDEX) if out is not None else target.key(sharding.INDEX)
+    return {**{k: v for k, v in index.items() if k != "files"}, "index": where,
+            "written": sum(written), "kept": len(written) - sum(written)}
 
 
 def reconcile() -> None:

@@ -11,11 +11,14 @@ from celery import Celery
 from services.common.errors import DataEngineError, InvalidInput, TransientError
 from services.common.steps import REPORT_TASK, StepReport, backoff_s
 from services.orchestrator.engine import Orchestrator
+from services.orchestrator.export_tasks import register_export_tasks
 
 log = logging.getLogger(__name__)
 
 
 def register_tasks(app: Celery, core_factory: Callable[[], Orchestrator], max_attempts: int = 5) -> None:
+    register_export_tasks(app, lambda: core_factory().store, max_attempts)  # orchestrator.export_shard
+
     @app.task(name=REPORT_TASK, bind=True, shared=False, max_retries=None, ignore_result=True)
     def report(self, report_json) -> dict:
         try:
