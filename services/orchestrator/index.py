@@ -35,7 +35,7 @@ class Index(Protocol):
     Annotators: ``add_review`` adds review number ``number`` of an item to the per-annotator
     aggregates once; ``annotator_totals`` reads them. Steps in flight: ``track`` a step with the
     time it was sent, ``untrack`` it once reported; ``due`` lists (item, sent at) of a step's
-    tracked items sent before a time, oldest first (the sweep's work list).
+    tracked items sent before (strictly) a time, oldest first (the sweep's work list).
     phrases: which items' verified output carries each phrase, for active mining's rare phrases.
     """
 

@@ -223,7 +223,7 @@ class MemoryIndex:
 
     def due(self, step: str, before: float, count: int) -> list[tuple[str, float]]:
         # O(in flight): the embedded mode loses no message, nothing sweeps it but tests.
-        return sorted(((i, t) for i, t in self._inflight.get(step, {}).items() if t <= before),
+        return sorted(((i, t) for i, t in self._inflight.get(step, {}).items() if t < before),
                       key=lambda e: (e[1], e[0]))[:count]
 
     def secret(self) -> bytes:

@@ -314,7 +314,7 @@ class RedisIndex:
 
     def due(self, step: str, before: float, count: int) -> list[tuple[str, float]]:
         return [(i, float(t)) for i, t in self._call("sweep", lambda: self.redis.zrangebyscore(
-            PREFIX + "inflight:" + step, "-inf", before, 0, count, withscores=True))]
+            PREFIX + "inflight:" + step, "-inf", f"({before!r}", 0, count, withscores=True))]
 
     def secret(self) -> bytes:
         """A key every orchestrator process shares (for page tokens), made on first use."""
