@@ -52,7 +52,8 @@ def export_shards_queued(app: Celery, store: ObjectStore, target: StoreTarget, e
                          on_shard: OnShard | None = None, poll_s: float = 1.0,
                          on_sent: Callable[[int], None] | None = None) -> dict:
     """Send one ``orchestrator.export_shard`` task per unfinished shard, wait until each is done
-    and its progress record is in the store, then write the index; returns it (shards.py).
+    and its progress record is in the store, then write the index; returns it (shards.py). The
+    store is listed once here, into the plan the tasks read their shard's keys from.
 
     on_shard: called with (record, written by a task now) as shards are found done or finish;
     on_sent: with the number of tasks sent. Raises ``DataEngineError`` naming every shard that
@@ -67,6 +68,8 @@ def export_shards_queued(app: Celery, store: ObjectStore, target: StoreTarget, e
             done[index] = record
             if on_shard is not None:
                 on_shard(record, False)
+    if len(done) < export.shards and export.shards > 1:
+        target.plan(store, export)  # the tasks read their keys from it instead of listing the store each
     results = {i: app.send_task(EXPORT_SHARD_TASK, args=[export.to_json(), target.prefix, i])
                for i in range(export.shards) if i not in done}
     if on_sent is not None:

@@ -7,8 +7,9 @@ order) and JSON is written incrementally, so memory holds a window of items plus
 exports may not be written under ``items/`` so an export can never be mistaken for a manifest.
 
 Sharding (``Shard``): an item belongs to shard ``shard_of(item_id, count)``, a stable hash of the id
-in its manifest key, so a shard's writer needs no global listing or count: it streams the listing,
-reads only its own manifests and writes them in key order. ``shards.py`` writes whole sharded exports.
+in its manifest key, so a shard's writer needs no global listing or count: it streams the listing
+(or its shard's keys from a plan, ``shards.py``), reads only its own manifests and writes them in
+key order. ``shards.py`` writes whole sharded exports.
 
 Formats (ARCHITECTURE.md "Outputs"):
 - COCO: ``{"images", "annotations", "categories", "info"}``. Categories are the positive noun
@@ -31,9 +32,9 @@ import logging
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Collection, Iterator, TextIO
+from typing import Callable, Collection, Iterable, Iterator, TextIO
 
 from pycocotools import mask as mask_utils
 
@@ -71,10 +72,14 @@ def shard_of(item_id: str, count: int) -> int:
 
 @dataclass(frozen=True)
 class Shard:
-    """Shard ``index`` of ``count``: the items ``shard_of`` puts there. Raises ``InvalidInput``."""
+    """Shard ``index`` of ``count``: the items ``shard_of`` puts there. Raises ``InvalidInput``.
+
+    keys: its manifest keys in key order, listed once for every shard (a plan); None: the store's
+    listing, filtered."""
 
     index: int
     count: int
+    keys: Callable[[], Iterable[str]] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
@@ -109,7 +114,7 @@ class ExportSummary:
 def manifest_keys(store: ObjectStore, shard: Shard | None = None) -> Iterator[str]:
     """``items/<id>/manifest.json`` keys in the store's listing order (sorted: deterministic for
     the same store), streamed; with ``shard``, only the keys whose item id it holds."""
-    for key in store.list("items/"):
+    for key in store.list("items/") if shard is None or shard.keys is None else shard.keys():
         match = _MANIFEST.match(key)
         if match and (shard is None or shard.holds(match.group(1))):
             yield key

@@ -11,183 +11,90 @@ Layout, in a folder (``FolderTarget``) or under a prefix below ``exports/`` in t
     .shards/export.json   which export this is (format, states, shard count): another one is refused
     .shards/000000.json   progress record of a finished shard: file, bytes, sha256 and counts,
                           written after the shard's file is in place
+    .shards/plan/         each shard's manifest keys (000000.keys, one a line, in key order) and
+                          done.json: one listing of the store for all shards, not one per shard
     index.json            once every shard is done: each shard's file, counts and sha256, and totals
 
 A shard counts as done when its record matches this export and its file exists with the recorded
 size and sha256 (in a folder; a store takes whole objects, so there the object's presence is
 enough). Anything else (no record, a torn or foreign file) is written again from scratch; items are
-never appended to a shard, so a redone shard holds each of its items once.
+never appended to a shard, so a redone shard holds each of its items once. The plan is made once
+per export: a resumed or redone shard exports the items listed when the export began (their
+manifests as they are now), so every shard comes from the same listing.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import io
 import json
 import multiprocessing
 import os
-import re
-import tarfile
+import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Collection, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.read_ahead import read_ahead
 from services.common.storage import ObjectStore
 from services.orchestrator import exports
-from services.orchestrator.exports import ExportSummary, Shard
-from services.orchestrator.model import ItemState
+from services.orchestrator.exports import shard_of
+from services.orchestrator.shard_files import (CONTENT_TYPES, FILES, Digest, ShardedExport, ShardRecord,
+                                               file_sha256, merged, parse_record, write_shard)
+
+__all__ = ["FolderTarget", "StoreTarget", "ShardedExport", "ShardRecord", "export_shards", "run_shard", "INDEX"]
 
 PROGRESS = ".shards"
+PLAN = f"{PROGRESS}/plan"
 INDEX = "index.json"
-_FILES = {"sa1b": "sa_{:06d}.tar", "coco": "coco_{:06d}.json", "saco": "saco_{:06d}.json"}
-_CONTENT_TYPES = {"sa1b": "application/x-tar", "coco": "application/json", "saco": "application/json"}
-_HASH_CHUNK = 1 << 20
+_PLAN_FLUSH = 100_000  # keys held (all shards together) while planning before they go to the key files
 
 StoreFactory = Callable[[], ObjectStore]  # picklable (a function or functools.partial) for worker processes
-OnShard = Callable[["ShardRecord", bool], None]  # (record, written now rather than found done)
+OnShard = Callable[[ShardRecord, bool], None]  # (record, written now rather than found done)
 
 
-@dataclass(frozen=True)
-class ShardedExport:
-    """One sharded export: format, shard count and the item states it holds (None: every item).
+def _spool_plan(store: ObjectStore, export: ShardedExport, folder: Path) -> list[int]:
+    """Every manifest key into ``folder/NNNNNN.keys`` of its shard, in key order, in one pass over
+    the listing, holding at most ``_PLAN_FLUSH`` keys; returns the key count of each shard."""
+    buffers: list[list[str]] = [[] for _ in range(export.shards)]
+    counts, held = [0] * export.shards, 0
 
-    Validated on creation (``InvalidInput`` naming the problem); JSON-able for task messages."""
+    def flush() -> None:
+        for index, keys in enumerate(buffers):
+            with open(folder / f"{index:06d}.keys", "a", encoding="utf-8") as f:  # created even if empty
+                f.write("".join(f"{key}\n" for key in keys))
+            keys.clear()
 
-    fmt: str
-    shards: int
-    states: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "fmt", exports.check_format(self.fmt))
-        Shard(0, self.shards)  # the count's checks
-        if self.states is not None:
-            names = sorted({ItemState.parse(s).name for s in self.states})
-            object.__setattr__(self, "states", tuple(names))
-
-    @classmethod
-    def of(cls, fmt: str, shards: int, states: Collection[ItemState] | None) -> "ShardedExport":
-        return cls(fmt, shards, None if states is None else tuple(s.name for s in states))
-
-    @property
-    def item_states(self) -> frozenset[ItemState] | None:
-        return None if self.states is None else frozenset(ItemState[s] for s in self.states)
-
-    def file_name(self, index: int) -> str:
-        return _FILES[self.fmt].format(index)
-
-    def to_json(self) -> dict:
-        return {"format": self.fmt, "shards": self.shards, "states": None if self.states is None else list(self.states)}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "ShardedExport":
-        try:
-            return cls(d["format"], d["shards"], None if d.get("states") is None else tuple(d["states"]))
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise InvalidInput(f"not a sharded export description: {d!r:.200} ({exc})") from None
+    for key in exports.manifest_keys(store):
+        index = shard_of(key.split("/")[1], export.shards)  # items/<id>/manifest.json
+        buffers[index].append(key)
+        counts[index] += 1
+        held += 1
+        if held >= _PLAN_FLUSH:
+            flush()
+            held = 0
+    flush()
+    return counts
 
 
-@dataclass(frozen=True)
-class ShardRecord:
-    """Progress record of a finished shard: the export it belongs to, its file name, size in bytes,
-    sha256 (hex) and counts."""
-
-    export: ShardedExport
-    shard: int
-    file: str
-    bytes: int
-    sha256: str
-    summary: ExportSummary
-
-    def to_json(self) -> dict:
-        return {"export": self.export.to_json(), "shard": self.shard, "file": self.file, "bytes": self.bytes,
-                "sha256": self.sha256, "summary": self.summary.to_json()}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "ShardRecord":
-        return cls(ShardedExport.from_json(d["export"]), int(d["shard"]), str(d["file"]), int(d["bytes"]),
-                   str(d["sha256"]), ExportSummary(**d["summary"]))
-
-    def index_entry(self) -> dict:
-        return {"shard": self.shard, "file": self.file, **self.summary.to_json(), "bytes": self.bytes,
-                "sha256": self.sha256}
+def _plan_marker(export: ShardedExport, counts: list[int]) -> bytes:
+    return json.dumps({"export": export.to_json(), "keys": counts}).encode()
 
 
-def _parse_record(data: bytes, export: ShardedExport, index: int) -> ShardRecord | None:
-    """The record if it is one of this export's shard ``index``, else None (unreadable, foreign)."""
+def _is_plan_of(data: bytes, export: ShardedExport) -> bool:
     try:
-        record = ShardRecord.from_json(json.loads(data))
-    except (KeyError, ValueError, TypeError, AttributeError):
-        return None
-    return record if (record.export, record.shard, record.file) == (export, index, export.file_name(index)) else None
+        return json.loads(data).get("export") == export.to_json()
+    except (ValueError, AttributeError):
+        return False
 
 
-class _Digest(io.RawIOBase):
-    """A write-only file that passes bytes on to ``raw`` and keeps their sha256 and count."""
-
-    def __init__(self, raw: BinaryIO) -> None:
-        self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self.raw.write(data)
-        self.sha.update(data)
-        self.size += len(data)
-        return len(data)
-
-
-_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
-          (b"BM", "bmp"), (b"II*\x00", "tif"), (b"MM\x00*", "tif"))
-_SUFFIX = re.compile(r"^[a-z0-9]{1,8}$")
-
-
-def image_suffix(data: bytes, source: str) -> str:
-    """The image file's extension, no dot: from its first bytes, else its source name's, else "bin"."""
-    for magic, suffix in _MAGIC:
-        if data.startswith(magic):
-            return suffix
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    suffix = os.path.splitext(source.replace("\\", "/").rsplit("/", 1)[-1])[1][1:].lower()
-    return suffix if _SUFFIX.match(suffix) and suffix != "json" else "bin"  # json: the document's name
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, 0  # mtime 0: a redone shard is byte-identical
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_shard(store: ObjectStore, export: ShardedExport, index: int, fp: BinaryIO) -> ExportSummary:
-    """Shard ``index`` of ``export`` into the binary file ``fp``: a tar for sa1b, else JSON."""
-    shard, states = Shard(index, export.shards), export.item_states
-    if export.fmt == "sa1b":
-        summary = ExportSummary()
-        with tarfile.open(fileobj=fp, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # a stream: no seeks
-            for name, doc, item, image in exports.sa1b_documents(store, states, summary, shard, images=True):
-                _add(tar, f"{name}.{image_suffix(image, item.source)}", image)
-                _add(tar, f"{name}.json", doc)
-        return summary
-    text = io.TextIOWrapper(fp, encoding="utf-8")
-    summary = exports.FILE_WRITERS[export.fmt](store, text, states, shard)
-    text.flush()
-    text.detach()  # leave ``fp`` open for the caller
-    return summary
-
-
-def _file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(functools.partial(f.read, _HASH_CHUNK), b""):
-            sha.update(block)
-    return sha.hexdigest()
+def _read_keys(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield line.rstrip("\n")
 
 
 def _replace_file(path: Path, data: bytes) -> None:
@@ -231,16 +138,32 @@ class FolderTarget:
                 raise InvalidInput(_claim_message(str(self.out), found, export))
         else:
             _replace_file(claim, json.dumps(export.to_json()).encode())
-        stem = _FILES[export.fmt].split("_")[0]
+        stem = FILES[export.fmt].split("_")[0]
         for stale in [*Path(self.out).glob(f".{stem}_*.tmp"), *Path(self.out).glob(f".{INDEX}.*.tmp"),
                       *progress.glob(".*.tmp")]:
             stale.unlink(missing_ok=True)
 
+    def plan(self, store: ObjectStore, export: ShardedExport) -> None:
+        """List the store once into every shard's key file, unless this export's plan is there."""
+        folder = Path(self.out) / PLAN
+        marker = folder / "done.json"
+        if marker.is_file() and _is_plan_of(marker.read_bytes(), export):
+            return
+        shutil.rmtree(folder, ignore_errors=True)  # a killed run's partial plan
+        folder.mkdir(parents=True)
+        _replace_file(marker, _plan_marker(export, _spool_plan(store, export, folder)))
+
+    def shard_keys(self, store: ObjectStore, export: ShardedExport, index: int) -> Callable[[], Iterable[str]] | None:
+        marker = Path(self.out) / PLAN / "done.json"
+        if not (marker.is_file() and _is_plan_of(marker.read_bytes(), export)):
+            return None
+        return functools.partial(_read_keys, Path(self.out) / PLAN / f"{index:06d}.keys")
+
     def finished(self, store: ObjectStore, export: ShardedExport, index: int) -> ShardRecord | None:
         try:
-            record = _parse_record((Path(self.out) / PROGRESS / f"{index:06d}.json").read_bytes(), export, index)
+            record = parse_record((Path(self.out) / PROGRESS / f"{index:06d}.json").read_bytes(), export, index)
             path = Path(self.out) / export.file_name(index)
-            if record is None or path.stat().st_size != record.bytes or _file_sha256(path) != record.sha256:
+            if record is None or path.stat().st_size != record.bytes or file_sha256(path) != record.sha256:
                 return None
         except FileNotFoundError:
             return None
@@ -251,8 +174,8 @@ class FolderTarget:
         fd, tmp = tempfile.mkstemp(dir=self.out, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as raw:
-                digest = _Digest(raw)
-                summary = write_shard(store, export, index, digest)
+                digest = Digest(raw)
+                summary = write_shard(store, export, index, digest, self.shard_keys(store, export, index))
                 raw.flush()
                 os.fsync(raw.fileno())  # the record below must never describe bytes still in flight
             os.replace(tmp, path)
@@ -294,9 +217,31 @@ class StoreTarget:
         if found != export.to_json():
             raise InvalidInput(_claim_message(self.prefix, found, export))
 
+    def plan(self, store: ObjectStore, export: ShardedExport) -> None:
+        """List the store once into every shard's key object, unless this export's plan is there."""
+        try:
+            if _is_plan_of(store.get(self.key(f"{PLAN}/done.json")), export):
+                return
+        except KeyError:  # NotFound
+            pass
+        with tempfile.TemporaryDirectory(prefix="export-plan-") as spool:
+            counts = _spool_plan(store, export, Path(spool))
+            for index in range(export.shards):
+                store.put(self.key(f"{PLAN}/{index:06d}.keys"), (Path(spool) / f"{index:06d}.keys").read_bytes(),
+                          content_type="text/plain")
+        store.put(self.key(f"{PLAN}/done.json"), _plan_marker(export, counts), content_type="application/json")
+
+    def shard_keys(self, store: ObjectStore, export: ShardedExport, index: int) -> Callable[[], Iterable[str]] | None:
+        try:
+            if not _is_plan_of(store.get(self.key(f"{PLAN}/done.json")), export):
+                return None
+        except KeyError:  # NotFound: no plan, the shard lists the store itself
+            return None
+        return lambda: store.get(self.key(f"{PLAN}/{index:06d}.keys")).decode("utf-8").splitlines()
+
     def finished(self, store: ObjectStore, export: ShardedExport, index: int) -> ShardRecord | None:
         try:
-            record = _parse_record(store.get(self.record_key(index)), export, index)
+            record = parse_record(store.get(self.record_key(index)), export, index)
         except KeyError:  # NotFound
             return None
         return record if record is not None and store.exists(self.key(record.file)) else None
@@ -305,10 +250,10 @@ class StoreTarget:
         # The store takes whole objects: the shard is built in a local temporary file, then put
         # (so a shard must fit in the worker's memory once: size N accordingly).
         with tempfile.TemporaryFile() as raw:
-            digest = _Digest(raw)
-            summary = write_shard(store, export, index, digest)
+            digest = Digest(raw)
+            summary = write_shard(store, export, index, digest, self.shard_keys(store, export, index))
             raw.seek(0)
-            store.put(self.key(export.file_name(index)), raw.read(), content_type=_CONTENT_TYPES[export.fmt])
+            store.put(self.key(export.file_name(index)), raw.read(), content_type=CONTENT_TYPES[export.fmt])
         record = ShardRecord(export, index, export.file_name(index), digest.size, digest.sha.hexdigest(), summary)
         store.put(self.record_key(index), json.dumps(record.to_json()).encode(), content_type="application/json")
         return record
@@ -342,24 +287,17 @@ def _write_all(store: ObjectStore, store_factory: StoreFactory, target: Target, 
             yield target.write(store, export, index)
         return
     # spawn: a fork of this process (threads of a progress bar, a read-ahead pool) could deadlock
-    with ProcessPoolExecutor(min(workers, len(indices)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_write_in_worker, store_factory, target, export, i) for i in indices]
-        error: BaseException | None = None
-        for future in as_completed(futures):
-            if future.cancelled():
-                continue
+    pool = ProcessPoolExecutor(min(workers, len(indices)), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        for future in as_completed([pool.submit(_write_in_worker, store_factory, target, export, i) for i in indices]):
             try:
-                yield future.result()
+                record = future.result()
             except BrokenProcessPool:
-                error = error or FailedPrecondition("a shard worker process died (killed, or out of memory); "
-                                                    "run the export again: finished shards are kept")
-            except Exception as exc:  # noqa: BLE001 - raised below, once the running shards are done
-                error = error or exc
-            if error is not None:
-                for pending in futures:
-                    pending.cancel()
-        if error is not None:
-            raise error
+                raise FailedPrecondition("a shard worker process died (killed, or out of memory); run the "
+                                         "export again: finished shards are kept") from None
+            yield record
+    finally:  # a failure or an interrupt: start no other shard, let the running ones finish (they stay done)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def export_shards(store_factory: StoreFactory, target: Target, export: ShardedExport, workers: int = 1,
@@ -368,7 +306,8 @@ def export_shards(store_factory: StoreFactory, target: Target, export: ShardedEx
     the index; returns the index (see the module's docstring).
 
     Finished shards are checked here first (``workers`` threads: hashing and reading release the
-    GIL), so a resumed export starts processes only for what is left. ``on_shard`` is called in
+    GIL), so a resumed export starts processes only for what is left; then the store is listed
+    once into the plan (kept from an earlier run of this export). ``on_shard`` is called in
     this process as each shard is found done or written. Raises ``InvalidInput`` for bad arguments
     or a destination holding another export; a failed shard's error once the others stopped."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -383,17 +322,10 @@ def export_shards(store_factory: StoreFactory, target: Target, export: ShardedEx
             if on_shard is not None:
                 on_shard(record, False)
     todo = [i for i in range(export.shards) if i not in records]
+    if todo and export.shards > 1:
+        target.plan(store, export)  # one listing for every shard, not one each
     for record in _write_all(store, store_factory, target, export, todo, workers):
         records[record.shard] = record
         if on_shard is not None:
             on_shard(record, True)
     return target.write_index(store, export, [records[i] for i in range(export.shards)])
-
-
-def merged(records: Iterable[ShardRecord]) -> ExportSummary:
-    """The counts of several shards together."""
-    totals = ExportSummary()
-    for record in records:
-        for field, value in record.summary.to_json().items():
-            setattr(totals, field, getattr(totals, field) + value)
-    return totals

@@ -26,6 +26,7 @@ from services.common.storage import LocalStore
 from services.orchestrator import exports, shards
 from services.orchestrator.exports import Shard, shard_of
 from services.orchestrator.model import Item, ItemState
+from services.orchestrator.shard_files import file_sha256
 from services.orchestrator.shards import FolderTarget, ShardedExport, StoreTarget
 from tests.orchestrator.test_exports import H, W, mask, negative, positive, save
 
@@ -139,7 +140,7 @@ def test_shards_equal_the_unsharded_export_item_for_item(store, tmp_path, fmt):
         assert all(shard_of(item_id, N_SHARDS) == i for item_id in part)
     assert (index["items"], index["annotations"], index["skipped"]) == (summary.items, summary.annotations, summary.skipped)
     assert [f["file"] for f in index["files"]] == [p.name for p in paths]
-    assert all(f["sha256"] == shards._file_sha256(p) for f, p in zip(index["files"], paths))
+    assert all(f["sha256"] == file_sha256(p) for f, p in zip(index["files"], paths))
     assert json.loads((tmp_path / "shards" / "index.json").read_text()) == index
     assert (index["format"], index["shards"], index["states"]) == (fmt, N_SHARDS, ["ACCEPTED", "REJECTED", "REVIEW"])
 
@@ -159,11 +160,11 @@ def test_an_error_after_some_shards_resumes_without_redoing_them(store, tmp_path
     out, clean = tmp_path / "out", sharded(store, tmp_path / "clean", "coco")
     real_write = shards.write_shard
 
-    def fail_at_shard_two(store_, export, index, fp):
+    def fail_at_shard_two(store_, export, index, fp, keys=None):
         if index == 2:
             fp.write(b'{"images":[')  # part of a file, as a crash would leave it
             raise RuntimeError("disk full")
-        return real_write(store_, export, index, fp)
+        return real_write(store_, export, index, fp, keys)
 
     monkeypatch.setattr(shards, "write_shard", fail_at_shard_two)
     with pytest.raises(RuntimeError, match="disk full"):
@@ -171,10 +172,21 @@ def test_an_error_after_some_shards_resumes_without_redoing_them(store, tmp_path
     assert sorted(p.name for p in out.iterdir()) == [".shards", "coco_000000.json", "coco_000001.json"]  # no temp file
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("coco_*.json")}
     monkeypatch.setattr(shards, "write_shard", real_write)
+    save(store, "late.jpg")  # after the export began: not in its plan, so not in its resumed shards
     seen = []
     assert sharded(store, out, "coco", seen=seen) == clean
     assert sorted(seen) == [(0, False), (1, False), (2, True), (3, True)]
     assert {p: (out / p).stat().st_mtime_ns for p in before} == before  # finished shards untouched
+
+
+def test_the_store_is_listed_once_for_all_shards(store, tmp_path, monkeypatch):
+    listed = []
+    real_list = LocalStore.list
+    monkeypatch.setattr(LocalStore, "list", lambda self, prefix="": listed.append(prefix) or real_list(self, prefix))
+    index = sharded(store, tmp_path / "out", "saco")
+    assert listed == ["items/"] and index["items"] == exports.write_saco(store, io.StringIO(), exports.DATASET_STATES).items
+    plan = json.loads((tmp_path / "out" / ".shards" / "plan" / "done.json").read_text())
+    assert sum(plan["keys"]) == len(list(exports.manifest_keys(store))) and len(plan["keys"]) == N_SHARDS
 
 
 def test_a_killed_export_process_resumes_without_duplicates(store, tmp_path):
@@ -291,7 +303,7 @@ def _cli_env(monkeypatch, store) -> None:
 
 
 @pytest.mark.slow
-def test_celery_export_shard_tasks_on_a_worker_process(broker, s3_endpoint, minio_store, tmp_path):
+def test_celery_export_shard_tasks_on_a_worker_process(broker, s3_endpoint, minio_store, tmp_path, monkeypatch):
     from services.common.queues import create_celery
     from services.orchestrator.export_tasks import EXPORT_SHARD_TASK, export_shards_queued
     from tests.conftest import S3_KEY, S3_SECRET
@@ -312,9 +324,17 @@ def test_celery_export_shard_tasks_on_a_worker_process(broker, s3_endpoint, mini
                                      poll_s=0.1, on_sent=sent.append)
         again = app.send_task(EXPORT_SHARD_TASK, args=[export.to_json(), "exports/run1", 0]).get(timeout=60)
         bad = app.send_task(EXPORT_SHARD_TASK, args=[export.to_json(), "items/x", 0]).get(timeout=60)
+        for name, value in env.items():  # the command reads the same settings as the worker
+            if name.startswith("DATAENGINE_"):
+                monkeypatch.setenv(name, value)
+        command = CliRunner().invoke(cli_app, ["export", "sa1b", "--to-store", "exports/cli", "--shards", "3", "--queue"])
     assert sent == [N_SHARDS - 1] and sorted(seen) == [(0, False)] + [(i, True) for i in range(1, N_SHARDS)]
     assert index["files"][0] == done_first.index_entry() and again["ok"] and not again["outputs"]["written"]
     assert not bad["ok"] and bad["code"] == "INVALID_ARGUMENT" and "manifests" in bad["reason"]
     here = json.loads(minio_store.get("exports/here/index.json"))
     assert index["files"] == here["files"]  # the worker wrote the same bytes
     assert json.loads(minio_store.get("exports/run1/index.json")) == index
+    assert command.exit_code == 0, command.output
+    report = json.loads(command.stdout.strip().splitlines()[-1])
+    assert (report["written"], report["items"], report["index"]) == (3, index["items"], "exports/cli/index.json")
+    assert json.loads(minio_store.get("exports/cli/index.json"))["annotations"] == index["annotations"]
