@@ -85,18 +85,27 @@ class LocalStore:
         a store of images, embeddings and masks is not read to find its manifests. Temporary files
         of unfinished writes (``.tmp-*``) are not keys.
         """
+        import heapq
+
         def walk(folder: Path, key_prefix: str, start: str = "") -> Iterator[str]:
+            folders, files = [], []  # names only (a folder of 10^6 items: ~80 MB while it is walked)
             try:
                 with os.scandir(folder) as entries:
-                    # (name, kind) from the listing's d_type, no stat per entry; names are unique
-                    listing = sorted((e.name, "dir" if e.is_dir(follow_symlinks=False) else
-                                      "file" if e.is_file() else "") for e in entries if e.name.startswith(start))
+                    for e in entries:  # the kind from the listing's d_type, no stat per entry
+                        if not e.name.startswith(start):
+                            continue
+                        if e.is_dir(follow_symlinks=False):
+                            folders.append(e.name)
+                        elif e.is_file() and not e.name.startswith(".tmp-"):
+                            files.append(e.name)
             except (FileNotFoundError, NotADirectoryError):
                 return
-            for name, kind in listing:
-                if kind == "dir":
+            folders.sort()
+            files.sort()
+            for name, is_folder in heapq.merge(((n, True) for n in folders), ((n, False) for n in files)):
+                if is_folder:
                     yield from walk(folder / name, f"{key_prefix}{name}/")
-                elif kind == "file" and not name.startswith(".tmp-"):
+                else:
                     yield key_prefix + name
 
         folder, _, start = prefix.rpartition("/")
