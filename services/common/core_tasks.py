@@ -21,7 +21,7 @@ from celery import Celery
 
 from services.common.errors import DataEngineError, InvalidInput, TransientError
 from services.common.queues import TaskOutcome
-from services.common.steps import backoff_s
+from services.common.steps import retry_later
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,9 @@ def register_core_task(app: Celery, name: str, run: Callable[..., dict], max_att
             if self.request.retries >= max_retries:
                 return TaskOutcome(ok=False, reason=f"{exc} (gave up after {max_retries + 1} attempts)",
                                    code=exc.code.name).to_json()
-            raise self.retry(exc=exc, countdown=backoff_s(self.request.retries + 1))
+            retry_later(self, exc, self.request.retries + 1)
+            return TaskOutcome(ok=False, reason=f"{exc} (retry not queued: broker unreachable)",
+                               code=exc.code.name).to_json()
         except DataEngineError as exc:
             log.info("task rejected", extra={"task": name, "code": exc.code.name})
             return TaskOutcome(ok=False, reason=str(exc), code=exc.code.name).to_json()

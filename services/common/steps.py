@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from celery import Celery
+from celery.exceptions import Reject
 
 from services.common.errors import DataEngineError, InvalidInput, TransientError
 from services.common.queues import TaskOutcome
@@ -50,6 +51,35 @@ def step_headers(item_id: str, step: str, sent_at: float) -> dict:
 def backoff_s(attempt: int) -> float:
     """Seconds to wait before attempt ``attempt + 1`` (attempt counts from 1): 1, 2, 4, ... 60."""
     return float(min(2 ** (attempt - 1), 60))
+
+
+def retry_later(task, exc: Exception, attempt: int) -> None:
+    """Raise Celery's ``Retry`` of ``task`` after ``backoff_s(attempt)``. When the broker cannot
+    take the retry either (Redis restarting), Celery raises ``Reject``: said in one log line, and
+    the caller drops the message; the orchestrator's sweep sends the step again (sweep.py)."""
+    try:
+        raise task.retry(exc=exc, countdown=backoff_s(attempt))
+    except Reject as rejected:
+        log.warning("retry not queued (%s): broker unreachable; the message is dropped and the "
+                    "orchestrator's sweep sends the step again", rejected.reason)
+
+
+def send_report(app: Celery, report: "StepReport", sent_at: float, attempts: int = 4,
+                sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Send a step's report to the orchestrator, retrying a broker that is away (a Redis restart)
+    with backoff; False when it stayed away (logged in one line: the sweep sends the step again)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            app.send_task(REPORT_TASK, args=[report.to_json()], queue="orchestrator",
+                          headers=step_headers(report.item_id, report.step, sent_at))
+            return True
+        except Exception as exc:  # noqa: BLE001 - kombu's and redis' connection errors alike
+            if attempt == attempts:
+                log.warning("report of %s %s not sent after %d attempts: %s: %s", report.step, report.item_id,
+                            attempts, type(exc).__name__, exc)
+                return False
+            sleep(backoff_s(attempt))
+    return False
 
 
 @dataclass
@@ -154,11 +184,11 @@ def register_step_task(app: Celery, service: str, handler_factory: Callable[[], 
             dead = False
         except TransientError as exc:
             if attempt < max_attempts:
-                raise self.retry(exc=exc, countdown=backoff_s(attempt))
+                retry_later(self, exc, attempt)
+                return TaskOutcome(ok=False, reason=str(exc), code=exc.code.name).to_json()
             outcome = TaskOutcome(ok=False, reason=f"{exc} (gave up after {attempt} attempts)", code=exc.code.name)
             dead = True
         report = StepReport(request.item_id, request.step, outcome, attempts=attempt, dead_letter=dead,
                             elapsed_s=round(time.perf_counter() - started, 6))
-        app.send_task(REPORT_TASK, args=[report.to_json()], queue="orchestrator",
-                      headers=step_headers(request.item_id, request.step, request.sent_at))
+        send_report(app, report, request.sent_at)
         return outcome.to_json()

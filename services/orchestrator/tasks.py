@@ -9,7 +9,7 @@ from typing import Callable
 from celery import Celery
 
 from services.common.errors import DataEngineError, InvalidInput, TransientError
-from services.common.steps import REPORT_TASK, StepReport, backoff_s
+from services.common.steps import REPORT_TASK, StepReport, retry_later
 from services.orchestrator.engine import Orchestrator
 from services.orchestrator.export_tasks import register_export_tasks
 
@@ -27,10 +27,13 @@ def register_tasks(app: Celery, core_factory: Callable[[], Orchestrator], max_at
             log.error("malformed report dropped: %s", exc)
             return {"ok": False, "reason": str(exc)}
         except TransientError as exc:
+            # Redis or the store away: retried with backoff (capped at 60 s) for as long as it
+            # lasts, never dropped; a report whose retry cannot be queued is healed by the sweep.
             attempt = self.request.retries + 1
-            if attempt < max_attempts:
-                raise self.retry(exc=exc, countdown=backoff_s(attempt))
-            log.error("report for %s given up after %d attempts: %s", report_json.get("item_id"), attempt, exc)
+            if attempt >= max_attempts:
+                log.warning("report for %s not applied after %d attempts, still retrying: %s",
+                            report_json.get("item_id"), attempt, exc)
+            retry_later(self, exc, attempt)
             return {"ok": False, "reason": str(exc)}
         except DataEngineError as exc:
             log.error("report rejected: %s", exc)

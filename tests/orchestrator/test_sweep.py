@@ -9,6 +9,7 @@ import base64
 import json
 import time
 
+import pytest
 import redis
 
 from services.common.image_source import ImageSource
@@ -108,3 +109,34 @@ def test_a_retried_submit_completes_what_the_first_left_undone(broker, tmp_path)
     orch.submit([ImageSource(data=png(4), filename="d.png")], ["dog"])
     assert len(queued(client, "embedder")) == 1 and len(queued(client, "concepts")) == 1
     assert StepRequest.from_json(queued(client, "embedder")[0]).sent_at > 0
+
+
+@pytest.mark.slow  # redis-py tries each connection for ~6 s before the broker counts as away
+def test_with_the_broker_away_a_retry_or_a_report_is_dropped_in_one_log_line(caplog):
+    """A Redis restart: Celery cannot queue the retry (it raises Reject) nor the report; both are
+    said in one warning, no traceback, and the sweep heals the step later."""
+    from services.common.steps import StepReport, retry_later, send_report
+    from tests.servers import free_port
+
+    app = create_celery(Settings(broker_url=f"redis://127.0.0.1:{free_port()}/0"))  # nothing listens
+    app.conf.update(task_publish_retry=False, result_backend=None, task_send_sent_event=False)
+
+    @app.task(bind=True, shared=False, name="test.retry")
+    def step(self):
+        return None
+
+    step.push_request(id="t1", retries=0, is_eager=False, called_directly=False, delivery_info={}, headers={})
+    try:
+        with caplog.at_level("WARNING"):
+            assert retry_later(step, RuntimeError("store away"), 1) is None  # no Retry, no Reject escapes
+    finally:
+        step.pop_request()
+    report = StepReport("item", "embed", TaskOutcome(ok=True, outputs={}))
+    slept = []
+    with caplog.at_level("WARNING"):
+        assert send_report(app, report, 1.0, attempts=2, sleep=slept.append) is False
+    assert slept == [1.0]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("retry not queued" in m and "sweep sends the step again" in m for m in messages)
+    assert any("report of embed item not sent after 2 attempts" in m for m in messages)
+    assert all(r.exc_info is None for r in caplog.records)
