@@ -334,7 +334,9 @@ def main() -> None:
             print(f"# kept {base}")
         else:
             t0 = time.perf_counter()
-            shutil.rmtree(base, ignore_errors=True)
+            # rm -rf: ~10x faster than shutil.rmtree on a million small files here
+            if shutil.which("rm") is None or subprocess.run(["rm", "-rf", str(base)]).returncode != 0:
+                shutil.rmtree(base, ignore_errors=True)
             print(f"# removed {base} in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
