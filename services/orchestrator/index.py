@@ -130,7 +130,16 @@ def now() -> float:
     return round(time.time(), 3)
 
 
-from services.orchestrator.memory_index import MemoryIndex  # noqa: E402 - re-exported, built on the above
-from services.orchestrator.redis_index import RedisIndex  # noqa: E402
+def __getattr__(name: str):
+    """``MemoryIndex`` and ``RedisIndex`` from here, imported on first use: their modules build on
+    this one, so either may be imported first."""
+    if name == "MemoryIndex":
+        from services.orchestrator.memory_index import MemoryIndex
+        return MemoryIndex
+    if name == "RedisIndex":
+        from services.orchestrator.redis_index import RedisIndex
+        return RedisIndex
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["PREFIX", "Index", "MemoryIndex", "RedisIndex", "ids", "now", "queue_depths"]
