@@ -8,7 +8,7 @@ At each size, against one ``Orchestrator`` served over real gRPC on loopback:
 - Redis memory per item: INFO ``used_memory`` minus the empty server's, over the items;
 - p50 / p99 ms of NextReview + ReleaseReview (claim then skip, round-robin over --annotators
   names), GetItem (a random item), one ListItems page of 100 (the first, then the one after it)
-  and Stats: up to --requests calls each or --op-budget-s seconds, and their ratio to the first size;
+  and Stats: up to --requests calls each or --op-budget-s seconds, and the p50 ratio to the first size;
 - a full ListItems walk (pages of 1000): items/s, cut at --walk-budget-s (then "cut" and the rate so far);
 - routing: ``Orchestrator.report`` of the verify step for --route items in flight at
   masks_decoded (stub decode and verify outputs shared by all), the dispatcher a no-op: items/s;
