@@ -144,6 +144,8 @@ def make_worker_app(service: str, settings: Settings):
 
     app = create_celery(settings)
     _register(app, service, parts, core_factory, settings)
+    if parts.background is not None:  # the orchestrator's sweep, once the worker runs
+        worker_ready.connect(lambda **_: parts.background(core_factory(), settings), weak=False)
     if settings.metrics_port:
         instrument_celery()
     serve_metrics(settings.metrics_port, settings.host)

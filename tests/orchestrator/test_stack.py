@@ -138,3 +138,43 @@ def test_fifty_images_through_separate_workers_survive_a_sigkill(broker, s3_endp
     exports.export(orchestrator.store, "saco", tmp_path / "saco.json", exports.DATASET_STATES)
     saco = json.loads((tmp_path / "saco.json").read_text())
     assert sum(not p["is_negative"] for p in saco["pairs"]) == 2 * N_GOOD
+
+
+def test_a_lost_step_message_is_sent_again_by_the_engine_within_30_s(broker, tmp_path, tiny_checkpoint,
+                                                                     monkeypatch):
+    """No operator: the embed messages are deleted from Redis before any embedder runs; the
+    orchestrator worker's sweep finds them neither queued, held nor reported and sends them again."""
+    env = {**os.environ, "DATAENGINE_STORE": "local", "DATAENGINE_STORE_ROOT": str(tmp_path / "store"),
+           "DATAENGINE_BROKER_URL": broker, "DATAENGINE_MODEL_TYPE": "tiny",
+           "DATAENGINE_CHECKPOINT": str(tiny_checkpoint), "DATAENGINE_AMG_PARAMS": json.dumps(GRID),
+           "DATAENGINE_SWEEP_INTERVAL_S": "2", "DATAENGINE_STEP_GRACE_S": "5"}
+    for name, value in env.items():
+        if name.startswith("DATAENGINE_"):
+            monkeypatch.setenv(name, value)
+    orchestrator = SERVICES["orchestrator"]().make_core(Settings())
+    client = redis.Redis.from_url(broker)
+    rng = np.random.default_rng(3)
+    with ExitStack() as stack:
+        for service in ("concepts", "decoder", "verifier", "orchestrator"):
+            stack.enter_context(celery_worker(service, env, tmp_path / f"{service}.log"))
+        ids = orchestrator.submit([ImageSource(data=png(rng, 24, 32), filename=f"{i}.png") for i in range(3)],
+                                  ["dog"])
+        assert client.llen("embedder") == 3
+        client.delete("embedder")  # lost: no worker took them, nothing will redeliver them
+        lost_at = time.monotonic()
+        stack.enter_context(celery_worker("embedder", env, tmp_path / "embedder.log"))
+        wait_until(lambda: client.llen("embedder") or client.hlen("unacked"), 30, "the sweep to send embed again",
+                   poll=0.2)
+        resent_after = time.monotonic() - lost_at
+
+        def settled():
+            return all(orchestrator.load(i).settled for i in ids)
+
+        try:
+            wait_until(settled, 120, "the three items to settle", poll=0.5)
+        except AssertionError:
+            logs = {p.name: p.read_text()[-2000:] for p in tmp_path.glob("*.log")}
+            raise AssertionError(f"{orchestrator.index.counts()}\n{logs}") from None
+    assert resent_after < 30, resent_after
+    assert all(orchestrator.load(i).state != ItemState.FAILED for i in ids)
+    assert "step lost: sent again" in (tmp_path / "orchestrator.log").read_text()
