@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Protocol, Sequence
 
@@ -30,6 +29,7 @@ from services.common.failure_modes import MiningPolicy, MiningRecord
 from services.common.image_source import ImageSource
 from services.common.limits import Limits
 from services.common.masks import MaskRecord
+from services.common.read_ahead import read_ahead
 from services.common.metrics import FAILURE_MODES_FOUND, ITEMS_SETTLED
 from services.common.steps import StepReport, StepRequest
 from services.common.storage import ObjectStore, check_key
@@ -336,12 +336,7 @@ class Orchestrator:
                 log.warning("skipping unreadable manifest %s: %s", key, exc)
                 return None
 
-        with ThreadPoolExecutor(self.read_workers, thread_name_prefix="manifests") as pool:
-            while True:
-                window = [k for _, k in zip(range(self.read_workers * 8), keys)]
-                if not window:
-                    return
-                yield from (item for item in pool.map(read, window) if item is not None)
+        return (item for item in read_ahead(keys, read, self.read_workers) if item is not None)
 
     def rebuild_index(self, on_item: Callable[[Item], None] | None = None) -> int:
         """Rebuild the index (states, stages, the review queue, annotator figures, phrase sets)
@@ -427,7 +422,8 @@ class Orchestrator:
         more = len(chosen) > page_size
         chosen = chosen[:page_size]
         next_token = make_token(self.index.secret(), chosen[-1], listing) if more else ""
-        return [self.load(i) for i in chosen], next_token
+        # Manifests read concurrently: against an object store a page is one round trip, not 100.
+        return list(read_ahead(chosen, self.load, min(self.read_workers, len(chosen)))), next_token
 
     def stats(self) -> Stats:
         """Counts, band sizes, the oldest waiting age and dead letters: O(log n) commands."""
