@@ -25,7 +25,7 @@ from services.common.review import (AnnotatorFigures, Lease, ReviewRecord, Revie
                                     ReviewedPhrase, annotator_name, matched_iou)
 from services.common.verdicts import Verdict
 from services.orchestrator.index import Index
-from services.orchestrator.model import QUEUE_BANDS, Item, ItemState, PhraseResult, Stage
+from services.orchestrator.model import Item, ItemState, PhraseResult, Stage
 
 log = logging.getLogger(__name__)
 
