@@ -39,6 +39,28 @@ class TransientError(DataEngineError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class StorageFault(TransientError):
+    """The object store cannot take or serve bytes for a while: an infrastructure fault, never the
+    item's. Steps retry it with the capped backoff for as long as it lasts (no dead letter), so no
+    item fails for it. ``kind``: the ``dataengine_storage_faults_total`` label."""
+
+    kind = "unavailable"
+    prefix = "object store unavailable"
+
+
+class StorageFull(StorageFault):
+    """No space or quota left in the store (ENOSPC, EDQUOT, MinIO's XMinioStorageFull, HTTP 507)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = "full"
+    prefix = "object store full"
+
+
+class StorageUnavailable(StorageFault):
+    """The store is read-only, unreachable or failing (EROFS, EIO, EACCES on its files, S3 SlowDown
+    or 503): retry later."""
+
+
 def error_from_rpc(exc: grpc.RpcError) -> DataEngineError:
     """The domain error a gRPC client got back (a peer's status code and details), so a client of
     another service raises what that service's core raised; unknown codes are transient."""
@@ -46,6 +68,9 @@ def error_from_rpc(exc: grpc.RpcError) -> DataEngineError:
                                           PermissionDenied)}
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    for fault in (StorageFull, StorageUnavailable):  # a peer's store fault, by its message's prefix
+        if code == fault.code and str(details).startswith(fault.prefix):
+            return fault(details)
     cls = by_code.get(code, TransientError)
     return cls(details if cls is not TransientError else f"{code.name}: {details}")
 

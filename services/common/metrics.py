@@ -12,6 +12,8 @@ The gRPC ones are py-grpc-prometheus's, so its dashboards work unchanged:
   outcome that names a problem), ``retry`` or ``error`` (an exception);
 - ``dataengine_model_load_seconds{service}``: how long the service's core took to build (the model load);
 - ``dataengine_embedding_cache_requests_total{result="hit"|"miss"}``: the decoder's embedding cache.
+- ``dataengine_storage_faults_total{kind="full"|"unavailable"}``: store operations that failed for
+  the store's condition (``StorageFull``, ``StorageUnavailable``), counted where they are raised.
 
 The orchestrator adds its view of the engine at scrape time (``EngineCollector``): items by state
 and by stage, queue depth (ready and unacknowledged), dead letters, the review backlog and its
@@ -67,6 +69,12 @@ REVIEWS = Counter("dataengine_reviews_total", "Human decisions submitted, by kin
                   "(accept, discard).", ("kind", "decision"))
 STEPS_RESENT = Counter("dataengine_steps_resent_total", "Steps the orchestrator's sweep sent again because "
                        "their message or report was lost, by step.", ("step",))
+# every process with a store (storage.py counts where it raises StorageFull / StorageUnavailable)
+STORAGE_FAULTS = Counter("dataengine_storage_faults_total", "Object-store operations that failed because the "
+                         "store is full (no space or quota) or unavailable (read-only, unreachable, failing), "
+                         "by kind; each is retried.", ("kind",))
+for _kind in ("full", "unavailable"):
+    STORAGE_FAULTS.labels(_kind)  # 0 from the first scrape, so increase() sees the first fault
 LEASE_EXPIRIES = Counter("dataengine_lease_expiries_total", "Review leases that expired without a submit and "
                          "were handed to the next claimant.")
 # the studio's (one per studio process)

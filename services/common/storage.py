@@ -3,13 +3,16 @@ local-directory backend (embedded mode). Keys are validated so none can escape t
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterator, NoReturn, Protocol
 
-from services.common.errors import FailedPrecondition, InvalidInput, NotFound, TransientError
+from services.common.errors import (FailedPrecondition, InvalidInput, NotFound, StorageFault, StorageFull,
+                                    StorageUnavailable, TransientError)
+from services.common.metrics import STORAGE_FAULTS
 from services.common.settings import Settings
 
 MAX_KEY_LEN = 1024
@@ -33,7 +36,9 @@ def check_key(key: str) -> str:
 
 
 class ObjectStore(Protocol):
-    """Bytes by key. ``get`` raises ``NotFound``; storage trouble raises ``TransientError``."""
+    """Bytes by key. ``get`` raises ``NotFound``; a bad key ``InvalidInput``; storage trouble
+    ``TransientError``: ``StorageFull`` (no space or quota) and ``StorageUnavailable`` (read-only,
+    unreachable, failing) for a store that cannot work for a while, whatever the key."""
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
     def get(self, key: str) -> bytes: ...
@@ -47,21 +52,32 @@ class LocalStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only or foreign volume: the store unavailable, not a crash
+            raise_os_fault(exc, "opening", "", self.root)
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        except OSError as exc:
+            raise_os_fault(exc, "writing", key, self.root)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+        except BaseException as exc:
+            try:
+                Path(tmp).unlink(missing_ok=True)
+            except OSError:
+                pass  # the store's own fault, raised below
+            if isinstance(exc, OSError):
+                raise_os_fault(exc, "writing", key, self.root)
             raise
 
     def get(self, key: str) -> bytes:
@@ -70,12 +86,22 @@ class LocalStore:
             return path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"object {key!r} not found in {self.root}") from None
+        except OSError as exc:
+            raise_os_fault(exc, "reading", key, self.root)
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        path = self._path(key)
+        try:
+            return path.is_file()
+        except OSError as exc:  # is_file answers False only for a missing path
+            raise_os_fault(exc, "checking", key, self.root)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise_os_fault(exc, "deleting", key, self.root)
 
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys starting with ``prefix``, sorted segment by segment (as sorted paths), lazily.
@@ -111,7 +137,10 @@ class LocalStore:
         folder, _, start = prefix.rpartition("/")
         if folder and any(part in ("", ".", "..") for part in folder.split("/")):
             return  # no key has such a segment (and the walk must not leave the root)
-        yield from walk(self.root / folder if folder else self.root, f"{folder}/" if folder else "", start)
+        try:
+            yield from walk(self.root / folder if folder else self.root, f"{folder}/" if folder else "", start)
+        except OSError as exc:
+            raise_os_fault(exc, "listing", prefix, self.root)
 
 
 class MinioStore:
@@ -146,7 +175,7 @@ class MinioStore:
         try:
             self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
         except Exception as exc:
-            raise TransientError(f"writing {key!r} to the object store failed: {exc}") from exc
+            raise s3_fault(exc, "writing", key, self.bucket) from exc
 
     def get(self, key: str) -> bytes:
         check_key(key)
@@ -157,7 +186,7 @@ class MinioStore:
         except Exception as exc:
             if _is_s3_error(exc, "NoSuchKey", "NoSuchObject"):
                 raise NotFound(f"object {key!r} not found in bucket {self.bucket!r}") from None
-            raise TransientError(f"reading {key!r} from the object store failed: {exc}") from exc
+            raise s3_fault(exc, "reading", key, self.bucket) from exc
         finally:
             if response is not None:
                 response.close()
@@ -171,21 +200,21 @@ class MinioStore:
         except Exception as exc:
             if _is_s3_error(exc, "NoSuchKey", "NoSuchObject", "NotFound"):
                 return False
-            raise TransientError(f"checking {key!r} in the object store failed: {exc}") from exc
+            raise s3_fault(exc, "checking", key, self.bucket) from exc
 
     def delete(self, key: str) -> None:
         check_key(key)
         try:
             self.client.remove_object(self.bucket, key)
         except Exception as exc:
-            raise TransientError(f"deleting {key!r} from the object store failed: {exc}") from exc
+            raise s3_fault(exc, "deleting", key, self.bucket) from exc
 
     def list(self, prefix: str = "") -> Iterator[str]:
         try:
             for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
                 yield obj.object_name
         except Exception as exc:
-            raise TransientError(f"listing {prefix!r} in the object store failed: {exc}") from exc
+            raise s3_fault(exc, "listing", prefix, self.bucket) from exc
 
 
 def _https_client(ca_file: Path):
@@ -197,6 +226,65 @@ def _https_client(ca_file: Path):
     return urllib3.PoolManager(timeout=urllib3.Timeout(connect=30, read=300), maxsize=10,
                                cert_reqs="CERT_REQUIRED", ca_certs=str(ca_file),
                                retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]))
+
+
+# What a store's failure is. Full and unavailable are the store's condition, not the key's: steps
+# retry them for as long as they last (steps.py). Other OSErrors of a LocalStore are a key the
+# filesystem refuses (InvalidInput) or a bug (raised as they are).
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+UNAVAILABLE_ERRNOS = frozenset({errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.ESTALE, errno.ENOTCONN,
+                                errno.ETIMEDOUT, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENODEV, errno.ENXIO,
+                                errno.EMFILE, errno.ENFILE, errno.EBUSY, errno.EAGAIN})
+BAD_KEY_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
+# S3 error codes and HTTP statuses (MinIO's own codes included)
+FULL_S3_CODES = frozenset({"XMinioStorageFull", "XMinioAdminBucketQuotaExceeded", "QuotaExceeded",
+                           "InsufficientStorage"})
+UNAVAILABLE_S3_CODES = frozenset({"SlowDown", "ServiceUnavailable", "XMinioServerNotInitialized",
+                                  "XMinioReadQuorum", "XMinioWriteQuorum", "RequestTimeout"})
+
+
+def storage_fault(kind: type[StorageFault], what: str, key: str, where: str, cause: str) -> StorageFault:
+    """``kind`` naming the operation, the key, the store and the cause; counted in
+    ``dataengine_storage_faults_total{kind}``."""
+    STORAGE_FAULTS.labels(kind.kind).inc()
+    target = f"{key!r} in {where}" if key else where
+    return kind(f"{kind.prefix}: {what} {target} failed: {cause}")
+
+
+def raise_os_fault(exc: OSError, what: str, key: str, root: Path) -> NoReturn:
+    """Raise what ``exc`` (from an operation on ``key`` under ``root``) is: ``StorageFull``,
+    ``StorageUnavailable``, ``InvalidInput`` for a key the filesystem refuses, else ``exc`` itself."""
+    name = errno.errorcode.get(exc.errno, str(exc.errno))
+    cause = f"{name} ({exc.strerror or exc})"
+    if exc.errno in FULL_ERRNOS:
+        raise storage_fault(StorageFull, what, key, str(root), cause) from exc
+    if exc.errno in UNAVAILABLE_ERRNOS:
+        raise storage_fault(StorageUnavailable, what, key, str(root), cause) from exc
+    if exc.errno in BAD_KEY_ERRNOS:
+        raise InvalidInput(f"object key {key!r} cannot be a file in {root}: {cause}") from exc
+    raise exc
+
+
+def s3_fault(exc: Exception, what: str, key: str, bucket: str) -> TransientError:
+    """A MinIO client error as the fault it is: ``StorageFull`` (XMinioStorageFull, a quota, HTTP
+    507), ``StorageUnavailable`` (SlowDown, HTTP 503, no connection), else a ``TransientError``
+    (retried, then a dead letter: e.g. AccessDenied)."""
+    import urllib3
+    from minio.error import InvalidResponseError, S3Error, ServerError
+
+    code, status = "", 0
+    if isinstance(exc, S3Error):
+        code, status = exc.code or "", getattr(exc.response, "status", 0) or 0
+    elif isinstance(exc, ServerError):
+        status = exc.status_code
+    elif isinstance(exc, InvalidResponseError):
+        status = getattr(exc, "_code", 0) or 0
+    cause = f"{code or type(exc).__name__}{f' (HTTP {status})' if status else ''}: {exc}"
+    if code in FULL_S3_CODES or status == 507:
+        return storage_fault(StorageFull, what, key, f"bucket {bucket!r}", cause)
+    if code in UNAVAILABLE_S3_CODES or status == 503 or isinstance(exc, (urllib3.exceptions.HTTPError, OSError)):
+        return storage_fault(StorageUnavailable, what, key, f"bucket {bucket!r}", cause)
+    return TransientError(f"{what} {key!r} in bucket {bucket!r} failed: {exc}")
 
 
 def _is_s3_error(exc: Exception, *codes: str) -> bool:

@@ -2,7 +2,7 @@
 
 Handlers are thin: parse (pydantic bodies), call the backend (gRPC or in process), convert. The
 engine's errors become a 4xx/5xx with ``{"detail": "..."}``: INVALID_ARGUMENT 400, NOT_FOUND 404,
-FAILED_PRECONDITION 409 (a lease that expired or was taken over), unavailable 503.
+FAILED_PRECONDITION 409 (a lease that expired or was taken over), the store full 507, unavailable 503.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from services.common.errors import (DataEngineError, FailedPrecondition, InvalidInput, NotFound, PermissionDenied,
-                                    TransientError, Unauthenticated)
+                                    StorageFull, TransientError, Unauthenticated)
 from services.common.metrics import STUDIO_CLICK_SECONDS, STUDIO_SUBMITS, ActiveAnnotators
 from services.common.pb import orchestrator_pb2 as pb
 from services.common.auth import TokenFile
@@ -35,8 +35,9 @@ from services.studio.views import (LeaseBody, PredictIn, SignIn, SubmitIn, item_
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
+# the first class an error is an instance of decides (StorageFull before TransientError)
 STATUS = {InvalidInput: 400, Unauthenticated: 401, PermissionDenied: 403, NotFound: 404, FailedPrecondition: 409,
-          TransientError: 503}
+          StorageFull: 507, TransientError: 503}
 ITEM_CACHE = 256  # items whose image and embedding keys the studio remembers (a few hundred bytes each)
 
 

@@ -71,7 +71,7 @@ def test_storage_outage_is_retried_not_failed(broker, tiny_sam):
         while result.state != "RETRY" and time.monotonic() < deadline:
             time.sleep(0.2)
         assert result.state == "RETRY"
-        assert "reading 'in/a.png' from the object store failed" in str(result.info)
+        assert "object store unavailable: reading 'in/a.png' in bucket 'outage'" in str(result.info)
         result.revoke()
 
 
