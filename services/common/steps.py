@@ -11,6 +11,11 @@ in-process (embedded) runner:
   the item at once with the reason;
 - ``TransientError`` (storage, network) is retried with exponential backoff, up to
   ``max_attempts``; then the report says ``dead_letter`` and the orchestrator records it;
+- a ``StorageFault`` (the store full or unavailable) is retried with the same backoff, capped at
+  60 s, for as long as it lasts, never dead-lettered: it is the store's condition, not the item's,
+  so failing the item would throw away good work that succeeds as soon as space is freed (within
+  60 s of it). Operators learn of it from ``dataengine_storage_faults_total`` and the
+  ``StoreFull`` / ``StoreUnavailable`` alerts, not from failed items;
 - anything else is a bug in a stage: the item fails with the exception's text, the worker goes on.
 """
 
@@ -24,7 +29,7 @@ from typing import Callable
 from celery import Celery
 from celery.exceptions import Reject
 
-from services.common.errors import DataEngineError, InvalidInput, TransientError
+from services.common.errors import DataEngineError, InvalidInput, StorageFault, TransientError
 from services.common.queues import TaskOutcome
 
 log = logging.getLogger(__name__)
@@ -183,7 +188,10 @@ def register_step_task(app: Celery, service: str, handler_factory: Callable[[], 
             outcome = run_step(handler_factory(), request)
             dead = False
         except TransientError as exc:
-            if attempt < max_attempts:
+            if attempt < max_attempts or isinstance(exc, StorageFault):
+                if attempt >= max_attempts:  # the store's trouble: retried until it clears (see above)
+                    log.warning("step %s of %s: %s; still retrying after %d attempts", request.step,
+                                request.item_id, exc, attempt)
                 retry_later(self, exc, attempt)
                 return TaskOutcome(ok=False, reason=str(exc), code=exc.code.name).to_json()
             outcome = TaskOutcome(ok=False, reason=f"{exc} (gave up after {attempt} attempts)", code=exc.code.name)
