@@ -32,6 +32,7 @@ SCRAPED = (*SERVICES, STUDIO, FLOWER)
 # label values the code writes (services/common/metrics.py), where a query selects by value
 LABEL_VALUES = {("dataengine_tasks_total", "outcome"): {"ok", "failed", "retry", "error"},
                 ("dataengine_embedding_cache_requests_total", "result"): {"hit", "miss"},
+                ("dataengine_storage_faults_total", "kind"): {"full", "unavailable"},
                 ("dataengine_queue_messages", "queue"): set(SERVICES),
                 ("grpc_server_handling_seconds_bucket", "grpc_type"): {"unary", "server_stream", "client_stream",
                                                                        "bidi_stream"}}
