@@ -71,10 +71,9 @@ class Maintenance:
 
         def flush() -> None:
             self.index.put_many(batch)
+            self.index.put_phrases_many((i.item_id, positives(i)) for i in batch if VERIFY in i.done)
             for item in batch:
                 put_review_events(self.index, item)
-                if VERIFY in item.done:
-                    self.index.put_phrases(item.item_id, positives(item))
                 if on_item is not None and not item.settled:
                     on_item(item)
             batch.clear()

@@ -209,6 +209,10 @@ class MemoryIndex:
         for phrase in phrases:
             self._phrases.setdefault(phrase, set()).add(item_id)
 
+    def put_phrases_many(self, entries: Iterable[tuple[str, list[str]]]) -> None:
+        for item_id, phrases in entries:
+            self.put_phrases(item_id, phrases)
+
     def carriers(self, phrases: list[str]) -> dict[str, int]:
         return {p: len(self._phrases.get(p, ())) for p in phrases}
 

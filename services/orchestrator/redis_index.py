@@ -288,14 +288,19 @@ class RedisIndex:
         return [json.loads(e) for e in self._call("dead letters", lambda: self.redis.lrange(PREFIX + "dead", start, stop))]
 
     def put_phrases(self, item_id: str, phrases: list[str]) -> None:
-        if phrases:
-            def run():
-                pipe = self.redis.pipeline(transaction=False)
+        self.put_phrases_many([(item_id, phrases)])
+
+    def put_phrases_many(self, entries: Iterable[tuple[str, list[str]]]) -> None:
+        """(item id, its positive phrases) for many items in one round trip (a rebuild's batch)."""
+        def run():
+            pipe = self.redis.pipeline(transaction=False)
+            for item_id, phrases in entries:
                 for phrase in phrases:
                     pipe.pfadd(PREFIX + "carriers:" + phrase, item_id)
+            if len(pipe):
                 pipe.execute()
 
-            self._call("put phrases", run)
+        self._call("put phrases", run)
 
     def carriers(self, phrases: list[str]) -> dict[str, int]:
         def run():
