@@ -357,21 +357,43 @@ def _export_shards(settings: Settings, fmt: str, states, shards: int, workers: i
             "written": sum(written), "kept": len(written) - sum(written)}
 
 
-def reconcile() -> None:
+def reconcile(
+    workers: int = typer.Option(1, "--workers", help="Processes reading the manifests at once, each a share "
+                                "of the items (by item-id shard)."),
+) -> None:
     """Rebuild the Redis indices from the manifests in the object store and re-enqueue the pending
     steps of every unfinished item (after Redis lost its data). Steps still in flight may run
     twice; their outputs overwrite the same keys and their second report is ignored."""
-    from services.app.serve import SERVICES
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
 
+    if workers < 1:
+        fail(f"--workers must be at least 1, got {workers}")
     settings = make_settings()
     try:
-        orchestrator = SERVICES["orchestrator"]().make_core(settings)
-        restarted = orchestrator.resume()
+        orchestrator = _orchestrator(settings)
+        if workers == 1:
+            restarted = orchestrator.resume()
+        else:
+            orchestrator.index.clear()  # once, before the parts fill it
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                restarted = sum(pool.map(_reconcile_part, [(i, workers) for i in range(workers)]))
         by_state, _ = orchestrator.index.counts()
     except DataEngineError as exc:
         fail(str(exc), code=1)
     _table("items by state", by_state)
     typer.echo(f"re-enqueued {restarted} unfinished items")
+
+
+def _orchestrator(settings: Settings):
+    from services.app.serve import SERVICES
+
+    return SERVICES["orchestrator"]().make_core(settings)
+
+
+def _reconcile_part(part: tuple[int, int]) -> int:
+    """One process of ``reconcile --workers K``: its share of the items, into the cleared index."""
+    return _orchestrator(make_settings()).resume(part, clear=False)
 
 
 def _table(title: str, counts: dict[str, int]) -> None:

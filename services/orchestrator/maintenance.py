@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Sequence
 
 from services.common.errors import InvalidInput, NotFound
 from services.common.read_ahead import read_ahead
+from services.orchestrator.exports import shard_of
 from services.orchestrator.index import ids, now
 from services.orchestrator.model import VERIFY, Item, ItemState
 from services.orchestrator.review import put_review_events
@@ -45,12 +46,18 @@ def positives(item: Item) -> list[str]:
     return list(dict.fromkeys(p.phrase for p in item.phrases if not p.is_negative))
 
 
+Part = tuple[int, int]  # (this part, of how many): a walk split across processes by item-id shard
+WHOLE: Part = (0, 1)
+
+
 class Maintenance:
-    def manifests(self) -> Iterator[Item]:
-        """Every item, read from its manifest in key order, ``read_workers`` at a time with a
-        bounded window (memory flat in the store's size); unreadable manifests are skipped with a
-        warning. For admin walks (rebuild, reconcile)."""
-        keys = (k for k in self.store.list("items/") if k.endswith("/manifest.json"))
+    def manifests(self, part: Part = WHOLE) -> Iterator[Item]:
+        """Every item of ``part`` (``shard_of`` its id, as exports shard), read from its manifest in
+        key order, ``read_workers`` at a time with a bounded window (memory flat in the store's
+        size); unreadable manifests are skipped with a warning. For admin walks (rebuild, reconcile)."""
+        index, count = part
+        keys = (k for k in self.store.list("items/") if k.endswith("/manifest.json")
+                and (count == 1 or shard_of(k.split("/")[1], count) == index))
 
         def read(key: str) -> Item | None:
             try:
@@ -61,11 +68,15 @@ class Maintenance:
 
         return (item for item in read_ahead(keys, read, self.read_workers) if item is not None)
 
-    def rebuild_index(self, on_item: Callable[[Item], None] | None = None) -> int:
+    def rebuild_index(self, on_item: Callable[[Item], None] | None = None, part: Part = WHOLE,
+                      clear: bool = True) -> int:
         """Rebuild the index (states, stages, the review queue, annotator figures, phrase sets)
         from the manifests, streamed in batches; ``on_item`` sees every unfinished item after it
-        is indexed. Returns how many items were indexed."""
-        self.index.clear()
+        is indexed. ``part``: only that share of the items, after the caller cleared the index once
+        (``clear=False``; ``dataengine reconcile --workers K`` runs K parts at once). Returns how
+        many items were indexed."""
+        if clear:
+            self.index.clear()
         batch: list[Item] = []
         count = 0
 
@@ -78,7 +89,7 @@ class Maintenance:
                     on_item(item)
             batch.clear()
 
-        for item in self.manifests():
+        for item in self.manifests(part):
             if item.priority is not None:  # the weights may have changed since it was routed
                 item.priority = round(self.mining.urgency(item.score or 0.0, item.failure_modes), 6)
             batch.append(item)
@@ -88,17 +99,17 @@ class Maintenance:
         flush()
         return count
 
-    def resume(self) -> int:
+    def resume(self, part: Part = WHOLE, clear: bool = True) -> int:
         """Rebuild the index from the manifests and re-dispatch every unfinished item's pending
         steps (after Redis lost its data, or when an interrupted run starts again). Returns how
-        many items were re-dispatched."""
+        many items were re-dispatched. ``part``, ``clear``: as ``rebuild_index``."""
         unfinished = [0]
 
         def restart(item: Item) -> None:
             unfinished[0] += 1
             self._dispatch(item)
 
-        self.rebuild_index(restart)
+        self.rebuild_index(restart, part, clear)
         return unfinished[0]
 
     def rerun(self, states: Sequence[ItemState], decoder_id: str = "", reason: str = "") -> RerunSummary:

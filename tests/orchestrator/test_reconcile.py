@@ -58,3 +58,22 @@ def test_reconcile_names_an_unreachable_redis(env, monkeypatch):
     monkeypatch.setenv("DATAENGINE_BROKER_URL", "redis://127.0.0.1:1/0")
     result = CliRunner().invoke(app, ["reconcile"])
     assert result.exit_code == 1 and "redis" in result.output.lower()
+
+
+def test_reconcile_split_across_worker_processes_rebuilds_the_same_index(env):
+    orchestrator = SERVICES["orchestrator"]().make_core(env)
+    ids = orchestrator.submit([ImageSource(data=png(i), filename=f"{i}.png") for i in range(8)], ["dog"])
+    for item_id in ids[:3]:  # settled before the crash: counted, not requeued
+        item = orchestrator.load(item_id)
+        item.move(ItemState.FAILED, "bad image")
+        orchestrator.save(item)
+    redis.Redis.from_url(env.broker_url).flushdb()
+
+    result = CliRunner().invoke(app, ["reconcile", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert "re-enqueued 5 unfinished items" in result.output
+    assert orchestrator.index.counts() == ({"ingested": 5, "failed": 3}, {"fully_automatic": 8})
+    depths = orchestrator.queue_depths()
+    assert depths["embedder"] == 5 and depths["concepts"] == 5  # each item once, whichever part had it
+    bad = CliRunner().invoke(app, ["reconcile", "--workers", "0"])
+    assert bad.exit_code != 0 and "--workers must be at least 1, got 0" in bad.output
