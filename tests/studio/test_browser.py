@@ -146,7 +146,7 @@ def test_an_annotator_fixes_an_item_and_the_manifest_holds_exactly_that(any_stud
     assert submitted["decision"] == "accept" and submitted["lease_token"] == view["lease"]["token"]
     assert submitted["seconds_spent"] > 0
     assert submitted["phrases"] == body
-    page.wait_for_function("!window.studio.state().item || window.studio.state().item.item_id !== id",
+    page.wait_for_function("id => !window.studio.state().item || window.studio.state().item.item_id !== id",
                            arg=view["item_id"])
     assert page.evaluate("id => Object.keys(localStorage).filter(k => k.endsWith(id))", view["item_id"]) == []
 
