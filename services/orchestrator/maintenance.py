@@ -125,7 +125,7 @@ class Maintenance:
         if wrong or not states:
             raise InvalidInput(f"rerun takes --state review and/or --state rejected, got {wrong or 'none'}")
         for state in dict.fromkeys(states):
-            for item_id in list(ids(self.index, state)):
+            for item_id in ids(self.index, state):  # a cursor: items leaving the state behind it do not shift it
                 with self.index.lock(item_id):
                     item = self.load(item_id)
                     refusal = item.rerun_refusal(now())

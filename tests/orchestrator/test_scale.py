@@ -4,12 +4,19 @@ forged, foreign or stale, and the metrics' label sets complete from the first sc
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from services.common.decoded import DecodeOutput, GroundedPhrase
 from services.common.errors import InvalidInput
+from services.common.masks import MaskRecord, encode_rle
+from services.common.queues import TaskOutcome
+from services.common.steps import StepReport
+from services.common.verdicts import PairVerdict, Verdict, Verification
 from services.common.metrics import EngineCollector
 from services.common.storage import LocalStore
 from services.orchestrator.cursor import make_token, read_token
@@ -20,6 +27,8 @@ from services.common.review import ReviewSubmission
 
 S, G = ItemState, Stage
 N_ITEMS = 60
+N_ROUTED = 20  # items at masks_decoded whose verify report both processes apply at once
+DECODE_KEY, VERIFY_KEY = "stubs/decode.json", "stubs/verify.json"
 
 
 class NoDispatch:
@@ -42,10 +51,32 @@ def seed(orch: Orchestrator, n: int) -> list[str]:
     return ids
 
 
-def claimer(broker: str, root: str, who: str, out) -> None:
-    """One orchestrator process: claim, then discard (or every third time skip), until none waits.
-    A submit on an item the other process holds too would raise FailedPrecondition: exit code 1."""
+def seed_in_flight(orch: Orchestrator, n: int) -> list[str]:
+    """n items decoded and waiting for their verify report (a score of 0.8: the review band)."""
+    mask = MaskRecord(encode_rle(np.ones((8, 8), bool)), [0.0, 0.0, 8.0, 8.0], 64, 0.9, 0.95)
+    orch.store.put(DECODE_KEY, DecodeOutput("", [GroundedPhrase("dog", False, [mask], True, "test")],
+                                            grid_count=0).to_bytes())
+    pairs = [PairVerdict("dog", False, 0.8, [Verdict("mask", "accept", 0.8, "test", "dog", [0])], 1)]
+    orch.store.put(VERIFY_KEY, json.dumps(Verification(pairs, 0.8).to_json()).encode())
+    ids = []
+    for i in range(n):
+        item = Item(item_id=f"f{i:023x}", source=f"f{i}.png", image_key=f"images/f{i}", image_id=f"f{i}",
+                    height=8, width=8, done=["embed", "propose", "decode"],
+                    outputs={"embed": "e", "propose": "p", "decode": DECODE_KEY})
+        item.state = S.MASKS_DECODED
+        orch.save(item)
+        ids.append(item.item_id)
+    return ids
+
+
+def claimer(broker: str, root: str, who: str, routed: list[str], out) -> None:
+    """One orchestrator process: apply the verify reports of ``routed`` (the other process applies
+    the same ones at the same time, in the other order), then claim, then discard (or every third
+    time skip), until none waits. A submit on an item the other process holds too would raise
+    FailedPrecondition: exit code 1."""
     orch = Orchestrator(LocalStore(root), RedisIndex(broker), NoDispatch(), lease_s=120.0, audit_rate=0.0)
+    for item_id in routed:
+        orch.report(StepReport(item_id, "verify", TaskOutcome(ok=True, outputs={"verify_key": VERIFY_KEY})))
     claimed, skipped = [], 0
     while True:
         item = orch.next_review(who)
@@ -60,15 +91,17 @@ def claimer(broker: str, root: str, who: str, out) -> None:
     out.put(("done", who, claimed))
 
 
-def test_two_orchestrator_processes_claim_every_item_once_and_counts_stay_exact(broker, tmp_path):
+def test_two_orchestrator_processes_route_and_claim_every_item_once_and_counts_stay_exact(broker, tmp_path):
     root = tmp_path / "bucket"
     orch = Orchestrator(LocalStore(root), RedisIndex(broker), NoDispatch(), audit_rate=0.0)
-    ids = seed(orch, N_ITEMS)
+    routed = seed_in_flight(orch, N_ROUTED)
+    ids = seed(orch, N_ITEMS) + routed
     assert sum(orch.desk.waiting().values()) == N_ITEMS
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=claimer, args=(broker, str(root), who, out)) for who in ("ann", "bob")]
+    procs = [ctx.Process(target=claimer, args=(broker, str(root), who, order, out))
+             for who, order in (("ann", routed), ("bob", routed[::-1]))]
     for p in procs:
         p.start()
     results = [out.get(timeout=240) for _ in procs]
@@ -84,10 +117,15 @@ def test_two_orchestrator_processes_claim_every_item_once_and_counts_stay_exact(
         reviews = orch.load(i).reviews
         assert len(reviews) == 1, (i, reviews)
         discarded[reviews[0].annotator] = discarded.get(reviews[0].annotator, 0) + 1
-    assert sum(discarded.values()) == N_ITEMS and set(discarded) == {"ann", "bob"}
+    assert sum(discarded.values()) == N_ITEMS + N_ROUTED and set(discarded) == {"ann", "bob"}
+    for i in routed:  # each verify report applied once, though both processes applied it
+        item = orch.load(i)
+        assert item.done.count("verify") == 1 and [h[0] for h in item.history].count("VERIFIED") == 1
+        assert len(item.mining) == 1 and item.score == 0.8
 
     counts, waiting, figures = orch.index.counts(), orch.desk.waiting(), orch.desk.figures()
-    assert counts == ({"discarded": N_ITEMS}, {"fully_automatic": 20, "semi_automatic": 20, "assisted_manual": 20})
+    assert counts == ({"discarded": N_ITEMS + N_ROUTED},
+                      {"fully_automatic": 20 + N_ROUTED, "semi_automatic": 20, "assisted_manual": 20})
     assert waiting == dict.fromkeys(QUEUE_BANDS, 0) and orch.desk.oldest_waiting_s() == 0.0
     assert {f.annotator: f.items for f in figures} == discarded
     orch.rebuild_index()  # counters rebuilt from the manifests equal the live ones
