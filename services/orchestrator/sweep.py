@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from services.common.errors import DataEngineError, NotFound
+from services.common.errors import DataEngineError, InvalidInput, NotFound
 from services.common.metrics import STEPS_RESENT
 from services.common.steps import HEADER_ITEM, HEADER_SENT, HEADER_STEP, STEP_SERVICE
 from services.orchestrator.engine import Orchestrator
@@ -130,6 +130,9 @@ class Sweep:
         try:
             item = self.core.load(item_id)
         except NotFound:
+            item = None
+        except InvalidInput as exc:  # an unreadable manifest: nothing to send; the rest of the sweep goes on
+            log.warning("sweep skips %s %s: %s", step, item_id, exc)
             item = None
         request = next((r for r in self.core.pending_steps(item) if r.step == step), None) if item else None
         if request is None:  # reported meanwhile, settled, or gone: nothing to heal

@@ -82,6 +82,18 @@ def test_a_held_step_waits_and_a_lost_report_is_sent_again(broker, tmp_path):
     assert len(queued(client, "concepts")) == 1  # the propose message is queued again
 
 
+def test_an_unreadable_manifest_is_skipped_and_the_rest_of_the_sweep_goes_on(broker, tmp_path):
+    orch, sweep, clock, client = setup(broker, tmp_path)
+    bad, good = orch.submit([ImageSource(data=png(5), filename="e.png"), ImageSource(data=png(6), filename="f.png")],
+                            ["dog"])
+    orch.store.put(f"items/{bad}/manifest.json", b"{not json")
+    client.delete("embedder")
+    clock[0] += 60
+    result = sweep.run_once()
+    assert result.resent == [(good, "embed")] and result.dropped == 1
+    assert orch.index.tracked(bad, "embed") is None  # forgotten, not retried every round
+
+
 def test_an_applied_report_ends_the_tracking(broker, tmp_path):
     orch, sweep, clock, client = setup(broker, tmp_path)
     (item_id,) = orch.submit([ImageSource(data=png(3), filename="c.png")], ["dog"])
