@@ -9,14 +9,12 @@ of ``Orchestrator`` (engine.py), which gives it ``store``, ``index``, ``mining``
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-from services.common.errors import InvalidInput, NotFound
-from services.common.read_ahead import read_ahead
-from services.orchestrator.exports import shard_of
+from services.common.errors import InvalidInput
+from services.orchestrator.exports import Shard, iter_items
 from services.orchestrator.index import ids, now
 from services.orchestrator.model import VERIFY, Item, ItemState
 from services.orchestrator.review import put_review_events
@@ -53,20 +51,9 @@ WHOLE: Part = (0, 1)
 class Maintenance:
     def manifests(self, part: Part = WHOLE) -> Iterator[Item]:
         """Every item of ``part`` (``shard_of`` its id, as exports shard), read from its manifest in
-        key order, ``read_workers`` at a time with a bounded window (memory flat in the store's
-        size); unreadable manifests are skipped with a warning. For admin walks (rebuild, reconcile)."""
-        index, count = part
-        keys = (k for k in self.store.list("items/") if k.endswith("/manifest.json")
-                and (count == 1 or shard_of(k.split("/")[1], count) == index))
-
-        def read(key: str) -> Item | None:
-            try:
-                return Item.from_json(json.loads(self.store.get(key)))
-            except (ValueError, NotFound) as exc:
-                log.warning("skipping unreadable manifest %s: %s", key, exc)
-                return None
-
-        return (item for item in read_ahead(keys, read, self.read_workers) if item is not None)
+        key order by the exports' own stream (``read_workers`` at a time, memory flat in the
+        store's size); unreadable manifests are skipped with a warning. For admin walks."""
+        return iter_items(self.store, shard=Shard(*part), window=self.read_workers)
 
     def rebuild_index(self, on_item: Callable[[Item], None] | None = None, part: Part = WHOLE,
                       clear: bool = True) -> int:
